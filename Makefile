@@ -1,0 +1,32 @@
+# Two commands on a fresh machine:  make cache-teacher   and   make test
+# Every target sets up .venv first when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch first, pinned to the build this project is tested with: an unpinned torch pulled in by
+# another package would resolve to a multi-GB download. Override for another platform, e.g.
+#   make setup TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+JOB    ?= jobs/demo.yaml
+PYTEST_ARGS ?=
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup test test-slow cache-teacher clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf .work cache runs

@@ -1,0 +1,1 @@
+"""ScaleKD as a library: pure PyTorch, no file or network I/O."""

@@ -1,0 +1,85 @@
+"""Student stage taps through timm's own ``forward_intermediates``.
+
+A student gives three things per batch: its stage-3 map, its stage-4 map (both (B, C, H, W); token
+students are laid out on their patch grid with CLS/register tokens dropped, by timm) and its
+logits. For hierarchical students (ResNet, MobileNet, ConvNeXt, Swin) stage 3 and 4 are the last
+two of timm's ``feature_info``; for isotropic ones (ViT/DeiT, Mixer) they are the blocks at 3/4
+depth and the last block, as the four "stages" of a 12-block ViT end at blocks 3, 6, 9, 12.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+from timm.models import register_model
+from torch import nn
+
+__all__ = ["StudentTaps", "stage_indices", "student_norm"]
+
+ISOTROPIC = ("VisionTransformer", "VisionTransformerDistilled", "MlpMixer", "Eva", "Beit")
+
+
+def stage_indices(model: nn.Module) -> tuple[int, int]:
+    """forward_intermediates indices of stage 3 and stage 4."""
+    if type(model).__name__ in ISOTROPIC:
+        depth = len(model.blocks)
+        return round(3 * depth / 4) - 1, depth - 1
+    n = len(model.feature_info)
+    return n - 2, n - 1
+
+
+def student_norm(model: nn.Module) -> str:
+    """The CAP's patchify norm for this student: LayerNorm for ConvNeXt-like students, else BatchNorm."""
+    return "ln" if type(model).__name__ == "ConvNeXt" else "bn"
+
+
+class StudentTaps(nn.Module):
+    """Wraps a timm student: images (B, 3, H, W) → (stage3 map, stage4 map, logits)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if not hasattr(model, "forward_intermediates"):
+            raise ValueError(f"student {type(model).__name__} has no timm forward_intermediates; cannot tap its stages")
+        self.model = model
+        self.indices = stage_indices(model)
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        self.input_size = tuple(cfg.get("input_size", (3, 224, 224)))
+        if hasattr(model, "patch_embed") and getattr(model.patch_embed, "img_size", None):
+            self.input_size = (3, *model.patch_embed.img_size)
+        # Probe once for the tapped shapes, which the CAPs are built for.
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            s3, s4, _ = self(torch.zeros(1, *self.input_size, device=next(model.parameters()).device))
+        model.train(was_training)
+        self.stage3_shape = tuple(s3.shape[1:])  # (C, H, W)
+        self.stage4_shape = tuple(s4.shape[1:])
+
+    def forward(self, images: torch.Tensor):
+        if images.shape[1:] != self.input_size:
+            raise ValueError(f"student expects inputs of shape (B, {', '.join(map(str, self.input_size))}), found {tuple(images.shape)}")
+        final, (s3, s4) = self.model.forward_intermediates(
+            images, indices=list(self.indices), norm=False, output_fmt="NCHW", intermediates_only=False
+        )
+        return s3, s4, self.model.forward_head(final)
+
+
+@register_model
+def mixer_b14_224(pretrained: bool = False, **kwargs) -> nn.Module:
+    """Mixer-B/14 (the EVA → Mixer-B/14 pair of the paper; timm has only /16 and /32)."""
+    from timm.models.mlp_mixer import _create_mixer
+
+    return _create_mixer("mixer_b14_224", pretrained=pretrained, **dict(dict(patch_size=14, num_blocks=12, embed_dim=768), **kwargs))
+
+
+@register_model
+def vit_base_patch14_224(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ViT-B/14 at 224 px (the EVA → ViT-B/14 pair of the paper)."""
+    from timm.models.vision_transformer import _create_vision_transformer
+
+    args = dict(patch_size=14, embed_dim=768, depth=12, num_heads=12)
+    return _create_vision_transformer("vit_base_patch14_224", pretrained=pretrained, **dict(args, **kwargs))
+
+
+def create_student(name: str, num_classes: int, **kwargs) -> StudentTaps:
+    """A timm student by name with the teacher's number of classes, wrapped with its taps."""
+    return StudentTaps(timm.create_model(name, num_classes=num_classes, **kwargs))
