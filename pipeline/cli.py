@@ -16,7 +16,7 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """Commands: teacher-info (more arrive as the pipeline grows)."""
+    """Cache a teacher's features (cache-teacher), look into a cache (inspect-shards), show a teacher split (teacher-info)."""
 
 
 @app.command("teacher-info")
@@ -44,3 +44,102 @@ def teacher_info(
 
 def main() -> None:  # pragma: no cover
     app()
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    job: Path = typer.Argument(Path("jobs/demo.yaml"), help="job spec (YAML); its `cache:` section is used"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="cache folder (overrides the spec)"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="zarr or webdataset (overrides the spec)"),
+    views: Optional[int] = typer.Option(None, "--views", "-k", help="views per image K (overrides the spec)"),
+    actors: Optional[int] = typer.Option(None, help="teacher actors (one per GPU where there are GPUs)"),
+    batch_size: Optional[int] = typer.Option(None, help="teacher batch size"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
+    engine: str = typer.Option("ray", help="ray, or local (the same stages in this process, no Ray)"),
+    overwrite: bool = typer.Option(False, help="replace a cache of another configuration in the output folder"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
+):
+    """Run the teacher once over K replayable views of every image and write its features to a cache.
+
+    Re-running the same job resumes: committed shards are kept, half-written ones are redone.
+    """
+    from .cache_job import CacheConfigError, run_cache_job
+    from .datasets import DatasetError
+    from .job_spec import load_cache_spec
+    from .shards import CacheWriteError
+
+    try:
+        spec = load_cache_spec(job, output=str(output) if output else None, format=fmt, actors=actors,
+                               batch_size=batch_size, address=address)
+        if views is not None:
+            from dataclasses import replace
+
+            spec.views = replace(spec.views, per_image=views)
+        summary = run_cache_job(spec, overwrite=overwrite, engine=engine, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError, DatasetError, CacheConfigError, CacheWriteError, FloatingPointError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    _print_summary(summary, as_json)
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        typer.echo(f"{key:>18}: {value}")
+
+
+@app.command("inspect-shards")
+def inspect_shards(
+    path: Path = typer.Argument(..., help="a cache folder (the one holding manifest.json)"),
+    verify_: bool = typer.Option(False, "--verify", help="check every shard's checksum, schema and completeness"),
+    recompute_: int = typer.Option(0, "--recompute", metavar="N", help="re-run the teacher on N stored views and compare"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the final features' frequency spectrum to this PNG"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """What is in a cache, is it intact, and what does its spectrum look like.
+
+    Exits 1 when --verify finds a corrupt, missing or extra shard (each is named).
+    """
+    from .inspect_cache import describe, plot_spectrum, recompute, verify
+    from .schema import ManifestError
+
+    try:
+        report = describe(path)
+        if verify_:
+            report["verify"] = verify(path)
+        if recompute_:
+            report["recompute"] = recompute(path, recompute_)
+        if plot:
+            report["plot"] = str(plot_spectrum(path, plot))
+    except (ManifestError, ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    if verify_ and not report["verify"]["ok"]:
+        raise typer.Exit(1)
+
+
+def _print_report(report: dict) -> None:
+    roles = report.pop("roles")
+    checks = {k: report.pop(k) for k in ("verify", "recompute", "plot") if k in report}
+    for key, value in report.items():
+        typer.echo(f"{key:>26}: {value}")
+    typer.echo(f"{'roles':>26}:")
+    for name, r in roles.items():
+        typer.echo(f"{name:>26}  shape {r['shape']}  codec {r['codec']}  stored as {r['stored']}")
+    if "verify" in checks:
+        v = checks["verify"]
+        typer.echo(f"{'verify':>26}: {'OK' if v['ok'] else 'FAILED'} ({v['shards']} shards)")
+        for p in v["problems"]:
+            typer.echo(f"{'':>28}{p}")
+    if "recompute" in checks:
+        r = checks["recompute"]
+        typer.echo(f"{'recompute':>26}: {r['views_checked']} views; max |diff| {r['max_abs_diff']}; "
+                   f"max rel L2 {r['max_rel_l2']}; fingerprint mismatches {len(r['fingerprint_mismatches'])}")
+    if "plot" in checks:
+        typer.echo(f"{'spectrum plot':>26}: {checks['plot']}")

@@ -1,0 +1,390 @@
+"""The caching job: read → render views → teacher forward → encode and commit shards.
+
+    tasks = pending shards (a shard = a fixed range of the sorted dataset listing)
+    ray.data.from_items(tasks)
+        .map(render_views)                                   # CPU tasks: decode, K views, fingerprints
+        .map(TeacherForward, compute=ActorPoolStrategy(n))   # the teacher, loaded once per actor
+        .map(write_shard)                                    # encode, write under a temporary name, rename
+The driver streams the committed records back and keeps manifest.json current. ``engine="local"``
+runs the very same three functions in this process (tests, debugging, no Ray).
+
+Exactly once: a shard's contents depend only on its range (views are seeded by key, the teacher
+sees the shard's views in a fixed order and batch split), commits are atomic renames, a re-run
+skips committed shards, and a retried task finds its shard committed and discards its copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scalekd.teacher import TeacherInfo, split_teacher, teacher_family
+
+from .datasets import BadImage, SampleRef, list_dataset, load_image
+from .job_spec import CacheSpec, work_dir
+from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, encode, write_json_atomic
+from .shards import CacheWriteError, commit_shard, committed_shards, remove_temporaries, shard_record
+from .views import VIEW_FIELDS, fingerprint, render_view, sample_views
+from .weights import export_demo_teacher, file_sha256, load_teacher
+
+__all__ = ["run_cache_job", "CacheConfigError", "resolve_checkpoint", "teacher_info_for", "render_views",
+           "TeacherForward", "write_shard"]
+
+BUILTIN_DEMO_TEACHER = "builtin:efficientnet-lite0"
+
+
+class CacheConfigError(ValueError):
+    """The output folder holds a cache of another configuration, or is not a cache at all."""
+
+
+def resolve_checkpoint(teacher: dict) -> str | None:
+    """The checkpoint file path (exporting the built-in demo weights when asked for)."""
+    ckpt = teacher.get("checkpoint")
+    if ckpt == BUILTIN_DEMO_TEACHER:
+        if teacher["name"] != "tf_efficientnet_lite0":
+            raise ValueError(f"{BUILTIN_DEMO_TEACHER} holds tf_efficientnet_lite0 weights, not {teacher['name']}")
+        return str(export_demo_teacher(work_dir() / "weights" / "tf_efficientnet_lite0.safetensors"))
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"teacher checkpoint {ckpt} does not exist")
+    return ckpt
+
+
+def teacher_info_for(teacher: dict) -> TeacherInfo:
+    """The split's shapes without loading any weights (the model is built on the meta device)."""
+    teacher_family(teacher["name"])
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(teacher["name"], **teacher.get("kwargs", {}))
+    return split_teacher(model, teacher["name"], late_blocks=teacher.get("late_blocks", 2)).info
+
+
+def _role_specs(spec: CacheSpec, info: TeacherInfo) -> dict[str, RoleSpec]:
+    shapes = {"final": (info.final_tokens, info.final_channels), "mid": (info.mid_tokens, info.mid_channels),
+              "logits": (info.num_classes,)}
+    return {role: RoleSpec(role, shapes[role], codec) for role, codec in spec.roles.items()}
+
+
+# --------------------------------------------------------------------------- the three stages
+
+
+def render_views(task: dict, views, input_size: tuple[int, int], interpolation: str) -> dict:
+    """Decode the shard's images and render K views each at the teacher's input size.
+
+    task: {shard, start, end, refs (JSON list of SampleRef dicts)} → adds pixels (n·K, H, W, 3) uint8,
+    samples and skipped (JSON).
+    """
+    samples, skipped, pixels = [], [], []
+    for ref in map(lambda d: SampleRef(**d), json.loads(task["refs"])):
+        try:
+            image = load_image(ref)
+        except BadImage as e:
+            skipped.append({"key": ref.key, "source": ref.source, "reason": str(e)})
+            continue
+        params = sample_views(ref.key, image.size, views)
+        rendered = [render_view(image, v, input_size, interpolation) for v in params]
+        pixels.extend(rendered)
+        samples.append({"index": ref.index, "key": ref.key, "label": ref.label, "source": ref.source, "member": ref.member,
+                        "views": [v.as_array().tolist() for v in params],
+                        "fingerprints": [fingerprint(p) for p in rendered]})
+    h, w = input_size
+    return {"shard": task["shard"], "start": task["start"], "end": task["end"],
+            "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8),
+            "samples": json.dumps(samples), "skipped": json.dumps(skipped)}
+
+
+class TeacherForward:
+    """The frozen teacher, loaded once per actor; maps a rendered shard to its teacher outputs."""
+
+    def __init__(self, teacher: dict, checkpoint: str | None, roles: list[str], batch_size: int, device: str = "auto"):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.split, _ = load_teacher(teacher["name"], checkpoint=checkpoint, pretrained=teacher.get("pretrained", False),
+                                     late_blocks=teacher.get("late_blocks", 2), device=self.device,
+                                     **teacher.get("kwargs", {}))
+        self.roles, self.batch_size = roles, batch_size
+        info = self.split.info
+        self.mean, self.std = info.mean, info.std
+
+    @torch.inference_mode()
+    def __call__(self, row: dict) -> dict:
+        from .views import normalize
+
+        pixels = row.pop("pixels")
+        outs: dict[str, list[np.ndarray]] = {r: [] for r in self.roles}
+        for i in range(0, len(pixels), self.batch_size):
+            x = normalize(pixels[i : i + self.batch_size], self.mean, self.std).to(self.device)
+            out = self.split.targets(x)
+            for r in self.roles:
+                t = out[r].float()
+                if not torch.isfinite(t).all():
+                    raise FloatingPointError(f"teacher {self.split.info.name} produced NaN/Inf in {r!r} for shard "
+                                             f"{row['shard']} (views {i}..{i + len(x) - 1}); refusing to cache it")
+                outs[r].append(t.cpu().numpy())
+        n = len(json.loads(row["samples"]))
+        for r in self.roles:
+            arr = np.concatenate(outs[r]) if outs[r] else np.zeros((0,), np.float32)
+            row[r] = arr.reshape(n, -1, *arr.shape[1:]) if n else arr
+        return row
+
+
+def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int) -> dict:
+    """Encode a shard's teacher outputs and commit it; returns {'record': JSON of the shard's record}."""
+    specs = {k: RoleSpec.from_dict(v) if isinstance(v, dict) else v for k, v in specs.items()}
+    samples = json.loads(row["samples"])
+    fields: dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        data = np.asarray(row[name], dtype=np.float32)
+        if not samples:
+            data = np.zeros((0, num_views, *spec.shape), np.float32)
+        fields.update(encode(spec, data))
+    record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
+                          samples, json.loads(row["skipped"]), num_views, level)
+    return {"record": json.dumps(record)}
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "timm", "numpy", "zarr", "numcodecs", "webdataset", "ray", "pillow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _config(spec: CacheSpec, sha: str | None, refs: list[SampleRef]) -> dict:
+    """What makes two runs write the same cache; a mismatch with an existing cache is refused."""
+    listing = hashlib.sha256("\n".join(f"{r.key}\t{r.label}" for r in refs).encode()).hexdigest()
+    return {"format": spec.format, "teacher": spec.teacher["name"], "checkpoint_sha256": sha,
+            "late_blocks": spec.teacher.get("late_blocks", 2), "teacher_kwargs": spec.teacher.get("kwargs", {}),
+            "views": asdict(spec.views), "roles": dict(spec.roles), "samples_per_shard": spec.samples_per_shard,
+            "compression_level": spec.compression_level, "dataset_listing_sha256": listing}
+
+
+def _prepare_output(root: Path, config: dict, overwrite: bool) -> None:
+    if root.exists() and not root.is_dir():
+        raise CacheConfigError(f"output {root} exists and is not a folder")
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        try:
+            old = json.loads(manifest.read_text()).get("config", {})
+        except json.JSONDecodeError:
+            old = {"unreadable": True}
+        if old != config:
+            if not overwrite:
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {config.get(k)!r}" for k in diff[:4])
+                raise CacheConfigError(f"output {root} holds a cache of another configuration ({detail}); "
+                                       f"choose another output or pass --overwrite to replace it")
+            shutil.rmtree(root)
+    elif root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            raise CacheConfigError(f"output {root} is not empty and holds no {MANIFEST}; refusing to write a cache "
+                                   f"into it (choose an empty or new folder, or pass --overwrite)")
+        shutil.rmtree(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise CacheWriteError(f"cannot write to output {root}: {os.strerror(e.errno) if e.errno else e}") from None
+
+
+_LAYOUT = {
+    "zarr": {"shard": "shard-NNNNN/ is a zarr v3 group (shard.json beside its arrays); array <field> has shape "
+                      "(samples, views, *field shape) and chunk (1, 1, *field shape): one chunk per view"},
+    "webdataset": {"shard": "shard-NNNNN/v<k>.tar holds view k of every sample of the shard: s<index>.json "
+                            "(key, label, view, fingerprint) and s<index>.<field>.npy; shard.json beside them"},
+    "roles": {
+        "final": "teacher tokens (N, C) on teacher.final_hw, row-major, CLS/register tokens dropped; the DC-removed "
+                 "view is final minus its mean over tokens (per channel), not stored",
+        "mid": "tokens (L, C) on teacher.mid_hw, the late part's input; plain ViTs: num_prefix_tokens prefix tokens first",
+        "logits": "teacher logits (classes,)",
+        "int8": "codec int8 stores <role>_q (int8), <role>_scale and <role>_dc (float32): value = q * scale + dc",
+        "view": "view = [top, left, height, width] as fractions of the original image, then flip (0/1); the model's "
+                "input is that box resized to its input size with its interpolation, flipped if flip",
+    },
+}
+
+
+def _manifest(spec, info, ckpt, sha, specs, config, refs, classes, listing_skipped, records, complete) -> dict:
+    skipped = list(listing_skipped)
+    for meta in records.values():
+        skipped += meta.get("skipped", [])
+    shards = [shard_record(records[i]) for i in sorted(records)]
+    return {
+        "format": spec.format,
+        "schema_version": SCHEMA_VERSION,
+        "name": spec.name,
+        "complete": complete,
+        "config": config,
+        "teacher": info.to_dict() | {"checkpoint": ckpt, "checkpoint_sha256": sha,
+                                     "pretrained": bool(spec.teacher.get("pretrained", False)),
+                                     "kwargs": spec.teacher.get("kwargs", {})},
+        "views": spec.views.to_dict() | {"fields": list(VIEW_FIELDS)},
+        "dataset": {"spec": spec.dataset, "listed": len(refs), "classes": classes},
+        "roles": {name: s.to_dict() | {"compressor": f"zstd(level={spec.compression_level})"} for name, s in specs.items()},
+        "layout": _LAYOUT[spec.format] | _LAYOUT["roles"],
+        "samples_per_shard": spec.samples_per_shard,
+        "num_samples": sum(len(m["samples"]) for m in records.values()),
+        "num_views": spec.views.per_image,
+        "num_shards_expected": -(-len(refs) // spec.samples_per_shard),
+        "shards": shards,
+        "skipped": skipped,
+        "versions": _versions(),
+    }
+
+
+def _init_ray(address: str | None):
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # A local Ray of our own; its temp files stay in the work folder, not in /tmp or $HOME.
+        temp = work_dir() / "ray"
+        temp.mkdir(parents=True, exist_ok=True)
+        ray.init(_temp_dir=str(temp), include_dashboard=False, log_to_driver=False,
+                 num_cpus=os.cpu_count(), configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return True
+
+
+def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray", progress: bool = True,
+                  max_shards: int | None = None, log=print) -> dict:
+    """Cache the teacher's outputs for every view of every image in ``spec.dataset``; returns the summary.
+
+    engine: 'ray' (a local Ray started here, or the cluster at spec.address / $RAY_ADDRESS) or
+    'local' (the same stages in this process). max_shards: stop after that many new shards (tests).
+    """
+    if engine not in ("ray", "local"):
+        raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
+    t0 = time.perf_counter()
+    info = teacher_info_for(spec.teacher)  # an unknown teacher fails here, before any work
+    ckpt = resolve_checkpoint(spec.teacher)
+    sha = file_sha256(ckpt) if ckpt else None
+    refs, classes, listing_skipped = list_dataset(spec.dataset)
+    specs = _role_specs(spec, info)
+    config = _config(spec, sha, refs)
+    root = Path(spec.output).resolve()
+    _prepare_output(root, config, overwrite)
+    if spec.format == "zarr":
+        from .stores.zarr_store import write_root
+
+        write_root(root)
+    removed = remove_temporaries(root)
+    if removed:
+        log(f"removed {len(removed)} half-written shard(s) from an interrupted run: {', '.join(removed[:5])}")
+    records = committed_shards(root)
+
+    def save(complete: bool):
+        write_json_atomic(root / MANIFEST, _manifest(spec, info, ckpt, sha, specs, config, refs, classes,
+                                                     listing_skipped, records, complete))
+
+    n_shards = -(-len(refs) // spec.samples_per_shard)
+    tasks = []
+    for i in range(n_shards):
+        if i in records:
+            continue
+        start, end = i * spec.samples_per_shard, min(len(refs), (i + 1) * spec.samples_per_shard)
+        tasks.append({"shard": i, "start": start, "end": end,
+                      "refs": json.dumps([asdict(r) for r in refs[start:end]])})
+    if max_shards is not None:
+        tasks = tasks[:max_shards]
+    save(complete=not tasks and len(records) == n_shards)
+    if records:
+        log(f"resuming: {len(records)} of {n_shards} shards already committed in {root}")
+
+    render_kw = dict(views=spec.views, input_size=tuple(info.input_size[1:]), interpolation=info.interpolation)
+    teacher_kw = dict(teacher=spec.teacher, checkpoint=ckpt, roles=list(specs), batch_size=spec.batch_size,
+                      device=spec.device)
+    write_kw = dict(root=str(root), fmt=spec.format, specs={k: v.to_dict() for k, v in specs.items()},
+                    num_views=spec.views.per_image, level=spec.compression_level)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_shards, initial=len(records), unit="shard", desc=f"caching {spec.name}",
+               disable=not progress, file=sys.stderr)
+    started_ray, new_samples = False, 0
+    try:
+        if engine == "local":
+            forward = TeacherForward(**teacher_kw) if tasks else None
+            results = (write_shard(forward(render_views(t, **render_kw)), **write_kw) for t in tasks)
+        else:
+            import ray
+            from ray.data import ActorPoolStrategy
+
+            started_ray = _init_ray(spec.address)
+            gpus = 1 if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            ds = (ray.data.from_items(tasks)
+                  .map(render_views, fn_kwargs=render_kw)
+                  .map(TeacherForward, fn_constructor_kwargs=teacher_kw,
+                       compute=ActorPoolStrategy(size=spec.actors), num_gpus=gpus)
+                  .map(write_shard, fn_kwargs=write_kw))
+            results = ds.iter_rows() if tasks else iter(())
+        for row in results:
+            record = json.loads(row["record"])
+            index = int(record["name"].split("-")[1])
+            records[index] = json.loads((root / record["name"] / "shard.json").read_text())
+            new_samples += record["samples"]
+            save(complete=len(records) == n_shards)
+            bar.update(1)
+    except Exception as e:
+        save(complete=False)
+        cause = _root_cause(e)
+        if isinstance(cause, (CacheWriteError, FloatingPointError)):
+            raise cause from None
+        raise
+    finally:
+        bar.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return summarize(root, time.perf_counter() - t0, new_samples)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The user's error inside Ray's wrappers (RayTaskError chains keep it as a cause)."""
+    seen = e
+    while True:
+        inner = getattr(seen, "cause", None) or seen.__cause__
+        if inner is None or inner is seen:
+            return seen
+        seen = inner
+
+
+def summarize(root: Path, seconds: float | None = None, new_samples: int = 0) -> dict:
+    """The numbers a user wants after a run (and inspect-shards shows)."""
+    m = json.loads((Path(root) / MANIFEST).read_text())
+    views = m["num_samples"] * m["num_views"]
+    stored = sum(s["bytes"] for s in m["shards"])
+    raw = views * sum(int(np.prod(r["shape"])) * 4 for r in m["roles"].values())
+    out = {"cache": str(root), "format": m["format"], "complete": m["complete"], "samples": m["num_samples"],
+           "views": views, "shards": len(m["shards"]), "skipped": len(m["skipped"]), "bytes_on_disk": stored,
+           "raw_fp32_bytes": raw, "compression_ratio": round(raw / stored, 3) if stored else None}
+    if seconds is not None:
+        out |= {"seconds": round(seconds, 2), "new_samples": new_samples,
+                "samples_per_s": round(new_samples / seconds, 2) if new_samples else None}
+    return out

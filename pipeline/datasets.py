@@ -1,0 +1,485 @@
+"""Input-dataset readers: what images there are, with which labels, and their pixels.
+
+Three kinds of dataset spec (a dict, as it appears in a job's YAML):
+
+- ``{"kind": "imagefolder", "root": PATH, "split": "train"}``: the ImageNet layout
+  ``PATH/<split>/<class>/<image>``; with no split, PATH itself holds the class folders. Classes are
+  the sorted class-folder names and a label is a class's position, as torchvision and timm number
+  ImageNet's synsets.
+- ``{"kind": "webdataset", "urls": [tar paths, globs or {a..b} brace patterns]}``: tar shards with
+  members ``<key>.jpg|.jpeg|.png|.webp`` and ``<key>.cls`` (an ASCII integer). The label is the
+  ``.cls`` integer itself, never renumbered, because a teacher's head is indexed by it.
+- ``{"kind": "demo", "root": PATH, "split": "train" | "val"}``: the embedded demo (below), built on
+  first use, then read as an imagefolder.
+
+A listing is a list of :class:`SampleRef` sorted by key, so a sample's index is the same on every
+machine. Listing reads directory entries and tar headers only; pixels are decoded by
+:func:`load_image`, one sample at a time, and a sample that cannot be decoded raises
+:class:`BadImage` so a job can record it and go on. Tar members are never extracted to disk and
+pickle-like members (.pyd, .pickle, .pkl, .pth, .pt) are never read at all.
+
+The embedded demo is ten real photos that ship inside scikit-image and scikit-learn (no download):
+one class per photo. Each photo is cut into a left part (the left 64 % of its width) for ``train``
+and a right part (the right 32 %) for ``val``, with a 4 % band between them that neither uses, so no
+val pixel, nor its immediate neighbour, is ever seen in training. From each part a fixed recipe
+(a golden-ratio point sequence, three tile sizes shared by both parts, no random numbers) cuts
+overlapping square tiles: 24 per class for train, 8 for val, saved as PNG of at most 256 px a side.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import tarfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["DatasetError", "BadImage", "SampleRef", "list_dataset", "load_image", "build_demo_dataset",
+           "IMAGE_EXTENSIONS", "DEMO_PHOTOS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Unpickling runs arbitrary code; these are never read, whatever they hold.
+_PICKLE_EXTENSIONS = ("pyd", "pickle", "pkl", "pth", "pt")
+# Image.open otherwise tries every plugin, EPS included, which runs Ghostscript on the bytes.
+# (Multi-picture JPEGs, MPO, open through the JPEG plugin.)
+_SAFE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF")
+_SPEC_KEYS = {"imagefolder": {"kind", "root", "split"}, "webdataset": {"kind", "urls"},
+              "demo": {"kind", "root", "split"}}
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole is unusable; the message names the path and what was expected/found."""
+
+
+class BadImage(Exception):
+    """One sample cannot be decoded; str(e) is a short reason."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """One sample: where its image lives and its label.
+
+    key: ``<class>/<file stem>`` (imagefolder) or ``<tar stem>/<__key__>`` (webdataset).
+    source: the image file, or the tar file holding it; member: the image's name inside the tar.
+    """
+
+    index: int
+    key: str
+    label: int
+    source: str
+    member: str | None = None
+
+
+def list_dataset(spec: dict) -> tuple[list[SampleRef], list[str], list[dict]]:
+    """-> (samples sorted by key with index = position, class names, skipped entries).
+
+    A skipped entry is ``{"source": path, "reason": str}``, plus ``"key"`` and ``"member"`` for tar
+    members.
+    """
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise DatasetError(f"dataset spec must be a mapping with a 'kind' (one of {sorted(_SPEC_KEYS)}), found {spec!r}")
+    kind = spec["kind"]
+    if kind not in _SPEC_KEYS:
+        raise DatasetError(f"dataset kind {kind!r} is unknown; expected one of {sorted(_SPEC_KEYS)}")
+    # A misspelt key ("spilt") would otherwise be ignored and list the wrong folder without a word.
+    unknown = set(spec) - _SPEC_KEYS[kind]
+    if unknown:
+        raise DatasetError(f"{kind} dataset spec has unknown keys {sorted(unknown)}; expected only {sorted(_SPEC_KEYS[kind])}")
+    if kind == "webdataset":
+        if "urls" not in spec:
+            raise DatasetError("webdataset dataset spec needs 'urls': a tar path, glob, or a list of them")
+        return _list_webdataset(spec["urls"])
+    if "root" not in spec:
+        raise DatasetError(f"{kind} dataset spec needs 'root': the folder holding <split>/<class>/<image>")
+    split = spec.get("split")
+    if kind == "demo":
+        split = "train" if split is None else split
+        if split not in ("train", "val"):
+            raise DatasetError(f"demo dataset split must be 'train' or 'val', found {split!r}")
+        build_demo_dataset(spec["root"])
+    # Absolute sources: Ray workers and DataLoader workers may run in another working directory.
+    return _list_imagefolder(Path(os.path.abspath(Path(spec["root"]).expanduser())), split)
+
+
+# ---------------------------------------------------------------------------------------------- imagefolder
+
+def _list_imagefolder(root: Path, split: str | None):
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder "
+                           f"(expected <root>/<split>/<class>/<image>)")
+    top = root / split if split else root
+    pattern = f"{root}/{split}/<class>/<image>" if split else f"{root}/<class>/<image>"
+    if not top.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DatasetError(f"dataset split folder {top} does not exist: expected {pattern} files, "
+                           f"found folders {found} in {root}")
+    real_root = root.resolve()
+    skipped: list[dict] = []
+
+    def escapes(path: Path) -> bool:
+        # Symlinks that leave the dataset would let a listing read anything the job can read.
+        if not path.is_symlink():
+            return False
+        if not path.exists():
+            skipped.append({"source": str(path), "reason": "broken symlink"})
+            return True
+        target = path.resolve()
+        if not target.is_relative_to(real_root):
+            skipped.append({"source": str(path), "reason": f"symlink points outside the dataset root ({target})"})
+            return True
+        return False
+
+    class_dirs = []
+    for entry in sorted(top.iterdir()):
+        if escapes(entry):
+            continue
+        if entry.name.startswith("."):
+            skipped.append({"source": str(entry), "reason": "hidden entry"})
+        elif entry.is_dir():
+            class_dirs.append(entry)
+        else:
+            skipped.append({"source": str(entry), "reason": f"file outside any class folder (expected {pattern})"})
+    classes = [d.name for d in class_dirs]
+
+    by_key: dict[str, tuple[int, str]] = {}
+    for label, class_dir in enumerate(class_dirs):
+        for path in sorted(class_dir.iterdir()):
+            if escapes(path):
+                continue
+            if path.is_dir():
+                skipped.append({"source": str(path), "reason": f"folder inside a class folder (expected {pattern})"})
+                continue
+            if path.name.startswith("."):
+                # e.g. macOS's ._photo.jpg companions, which look like images and are not
+                skipped.append({"source": str(path), "reason": "hidden file"})
+                continue
+            ext = path.suffix.lower()
+            if ext not in IMAGE_EXTENSIONS:
+                why = f"extension {ext}" if ext else "no extension"
+                skipped.append({"source": str(path), "reason": f"not an image file ({why})"})
+                continue
+            key = f"{class_dir.name}/{path.stem}"
+            if key in by_key:
+                raise DatasetError(f"duplicate sample key {key!r} in {top}: {by_key[key][1]} and {path}")
+            by_key[key] = (label, str(path))
+
+    if not by_key:
+        found = f"{len(classes)} class folders and no image files" if classes else "no class folders"
+        raise DatasetError(f"dataset {top} is empty: expected {pattern} files, found {found}")
+    samples = [SampleRef(i, key, by_key[key][0], by_key[key][1]) for i, key in enumerate(sorted(by_key))]
+    return samples, classes, skipped
+
+
+# ---------------------------------------------------------------------------------------------- webdataset
+
+def _expand_urls(urls) -> list[str]:
+    if isinstance(urls, (str, os.PathLike)):
+        urls = [urls]
+    try:
+        from braceexpand import braceexpand  # webdataset's own dependency, for shard-{000..009}.tar
+    except ImportError:  # pragma: no cover - braceexpand ships with webdataset
+        braceexpand = lambda s: [s]  # noqa: E731
+    paths = []
+    for url in urls:
+        url = str(url)
+        if "://" in url or url.startswith("pipe:"):
+            raise DatasetError(f"webdataset url {url!r} is not a local path; only local tar files are read")
+        for pattern in braceexpand(url):
+            pattern = os.path.expanduser(pattern)
+            if glob.has_magic(pattern):
+                matches = sorted(glob.glob(pattern))
+                if not matches:
+                    raise DatasetError(f"webdataset pattern {pattern} matches no files (expected .tar shards)")
+                paths.extend(os.path.abspath(m) for m in matches)
+            elif not os.path.isfile(pattern):
+                raise DatasetError(f"webdataset shard {pattern} does not exist (expected a .tar file)")
+            else:
+                paths.append(os.path.abspath(pattern))
+    if not paths:
+        raise DatasetError(f"webdataset urls {urls!r} name no tar files")
+    return paths
+
+
+def _tar_stem(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in (".gz", ".bz2", ".xz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key runs to the first dot of the file's base name."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (ext.lower() if dot else "")
+
+
+def _list_webdataset(urls):
+    skipped: list[dict] = []
+    images: dict[str, tuple[str, str]] = {}  # key -> (tar, member)
+    labels: dict[str, int] = {}
+    for tar_path in _expand_urls(urls):
+        prefix = _tar_stem(tar_path)
+        try:
+            tar = tarfile.open(tar_path, "r:*")
+        except (tarfile.TarError, OSError) as e:
+            raise DatasetError(f"webdataset shard {tar_path} is not a readable tar file: {e}") from None
+        with tar:
+            for info in tar:  # headers only: iterating a tar seeks past each member's data
+                name = info.name
+                if info.isdir():
+                    continue  # tar's own folder entries carry no sample
+                parts = PurePosixPath(name).parts
+                if name.startswith("/") or ".." in parts:
+                    skipped.append({"source": tar_path, "member": name, "reason": "unsafe tar member name"})
+                    continue
+                local_key, ext = _split_member(name.removeprefix("./"))
+                key = f"{prefix}/{local_key}"
+                entry = {"key": key, "source": tar_path, "member": name}
+                if not info.isfile():
+                    skipped.append(entry | {"reason": "not a regular file (link or device)"})
+                elif ext in _PICKLE_EXTENSIONS:
+                    skipped.append(entry | {"reason": f"pickle entries are never read (.{ext})"})
+                elif ext == "cls":
+                    label = _read_cls(tar, info)
+                    if isinstance(label, str):
+                        skipped.append(entry | {"reason": label})
+                    elif key in labels:
+                        raise DatasetError(f"duplicate label for sample key {key!r} in {tar_path}: member {name}")
+                    else:
+                        labels[key] = label
+                elif ext in _TAR_IMAGE_EXTENSIONS:
+                    if key in images:
+                        first = images[key]
+                        raise DatasetError(f"duplicate sample key {key!r}: {first[0]}:{first[1]} and {tar_path}:{name}")
+                    images[key] = (tar_path, name)
+                else:
+                    skipped.append(entry | {"reason": f"not an image or .cls entry (.{ext or 'no extension'})"})
+
+    samples = []
+    for key in sorted(images):
+        tar_path, member = images[key]
+        if key not in labels:
+            skipped.append({"key": key, "source": tar_path, "member": member, "reason": "image without a valid .cls label"})
+            continue
+        samples.append(SampleRef(len(samples), key, labels[key], tar_path, member))
+    for key in sorted(set(labels) - set(images)):
+        skipped.append({"key": key, "source": "", "reason": ".cls label without an image"})
+    if not samples:
+        raise DatasetError(f"webdataset {urls!r} holds no samples: expected <key>.jpg|.jpeg|.png|.webp with "
+                           f"<key>.cls members, found {len(images)} images and {len(labels)} labels")
+    classes = [str(c) for c in sorted({s.label for s in samples})]
+    return samples, classes, skipped
+
+
+def _read_cls(tar: tarfile.TarFile, info: tarfile.TarInfo) -> int | str:
+    """The label, or a reason it is unusable."""
+    if info.size > 32:
+        return f".cls entry is {info.size} bytes; expected a short ASCII integer"
+    raw = tar.extractfile(info).read()
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return f".cls entry is not an integer: {raw[:32]!r}"
+    return label if label >= 0 else f".cls entry is negative: {label}"
+
+
+# ---------------------------------------------------------------------------------------------- pixels
+
+class _OpenTars:
+    """A few open tar files per process, with a name -> member table each.
+
+    TarFile.getmember scans every header on each call; the table makes a read O(1). A forked worker
+    must not share its parent's file offsets, so the cache starts empty in every new process, and a
+    lock keeps threads from interleaving seek and read on one file.
+    """
+
+    def __init__(self, limit: int = 16):
+        self.limit, self.pid, self.lock, self.open = limit, os.getpid(), threading.Lock(), {}
+
+    def read(self, path: str, member: str) -> bytes:
+        with self.lock:
+            if self.pid != os.getpid():
+                self.pid, self.open = os.getpid(), {}
+            if path not in self.open:
+                if len(self.open) >= self.limit:
+                    self.open.pop(next(iter(self.open)))[0].close()
+                tar = tarfile.open(path, "r:*")
+                self.open[path] = (tar, {m.name: m for m in tar.getmembers()})
+            tar, members = self.open[path]
+            if member not in members:
+                raise BadImage(f"member {member} not found in {path}")
+            return tar.extractfile(members[member]).read()
+
+
+_TARS = _OpenTars()
+
+
+def load_image(ref: SampleRef) -> Image.Image:
+    """The sample's pixels, always mode "RGB", EXIF orientation applied; BadImage if undecodable."""
+    try:
+        data = _TARS.read(ref.source, ref.member) if ref.member is not None else Path(ref.source).read_bytes()
+    except (OSError, tarfile.TarError) as e:
+        raise BadImage(f"cannot read: {e}") from None
+    if not data:
+        raise BadImage("empty file")
+    with warnings.catch_warnings():
+        # PIL only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bad sample either way.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", message="Palette images with Transparency")
+        try:
+            image = Image.open(io.BytesIO(data), formats=_SAFE_FORMATS)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadImage(f"image too large: {e}") from None
+        except Image.UnidentifiedImageError:
+            raise BadImage(f"cannot decode image: not a {', '.join(_SAFE_FORMATS)} file") from None
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on bad bytes
+            raise BadImage(f"cannot decode image: {e}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode.startswith("I;16"):
+        # 16-bit photos span 0..65535; /257 maps that range exactly onto 0..255 (65535 -> 255).
+        a = np.asarray(image).astype(np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    elif mode in ("I", "F"):
+        a = np.asarray(image).astype(np.float64)
+        a = np.where(np.isfinite(a), a, 0.0)
+        lo, hi = float(a.min()), float(a.max())
+        if mode == "I" and lo >= 0 and hi <= 65535:
+            a = a / 257.0  # a 16-bit image PIL widened to 32 bits: keep its own scale, no stretching
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0  # float images in 0..1
+        else:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        image = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    # Alpha is dropped, not composited: convert("RGB") is what timm's and torchvision's loaders do,
+    # so a cached view holds the same pixels an online pipeline would feed the teacher.
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+def _demo_photos() -> dict:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: getattr(skimage.data, name) for name in
+              ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")}
+    photos["motorcycle"] = lambda: skimage.data.stereo_motorcycle()[0]
+    sample = load_sample_images()
+    for path, image in zip(sample.filenames, sample.images):
+        photos[Path(path).stem] = lambda image=image: image  # china, flower
+    return photos
+
+
+DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+               "motorcycle", "china", "flower")
+_DEMO_VERSION = 1
+_DEMO_PARTS = {"train": (0.0, 0.64, 24), "val": (0.68, 1.0, 8)}  # (left, right) as fractions of width, tiles
+# Tile sides as fractions of the val part's shorter side, for both parts: train and val tiles then
+# come from the same range of sizes, and the largest still fits in the narrow val part.
+_DEMO_SCALES = (0.9, 0.7, 0.5)
+_DEMO_MAX_SIDE = 256
+
+
+def _tile_boxes(width: int, height: int, part: str) -> list[tuple[int, int, int, int]]:
+    """(left, top, right, bottom) pixel boxes of one part's tiles, all inside that part."""
+    lo, hi, count = _DEMO_PARTS[part]
+    x0, x1 = round(lo * width), round(hi * width)
+    w = x1 - x0
+    val_lo, val_hi, _ = _DEMO_PARTS["val"]
+    reference = min(round(val_hi * width) - round(val_lo * width), height)
+    boxes = []
+    for i in range(count):
+        side = max(1, round(_DEMO_SCALES[i % len(_DEMO_SCALES)] * reference))
+        # The R2 sequence spreads points evenly in a square, with no random numbers to drift between versions.
+        u = (0.5 + (i + 1) * 0.7548776662466927) % 1.0
+        v = (0.5 + (i + 1) * 0.5698402909980532) % 1.0
+        left, top = x0 + round(u * (w - side)), round(v * (height - side))
+        boxes.append((left, top, left + side, top + side))
+    return boxes
+
+
+def build_demo_dataset(root: str | Path) -> Path:
+    """Build the embedded demo at root/{train,val}/<photo>/<photo>_<i>.png unless it is there. -> root."""
+    root = Path(root).expanduser()
+    if _demo_complete(root):
+        return root
+    if root.exists() and not (root.is_dir() and not any(root.iterdir())) and not (root / ".complete").exists():
+        raise DatasetError(f"demo root {root} exists and is not a demo dataset (no .complete marker); "
+                           f"expected a missing or empty folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(root)
+    # Built beside root and renamed into place: a killed build leaves no half dataset under root.
+    work = root.parent / f".{root.name}.building-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    counts = {}
+    photos = _demo_photos()
+    for name in DEMO_PHOTOS:
+        pixels = np.asarray(photos[name]())[..., :3]
+        height, width = pixels.shape[:2]
+        for part in _DEMO_PARTS:
+            folder = work / part / name
+            folder.mkdir(parents=True)
+            boxes = _tile_boxes(width, height, part)
+            for i, (l, t, r, b) in enumerate(boxes):
+                tile = Image.fromarray(np.ascontiguousarray(pixels[t:b, l:r]))
+                if tile.width > _DEMO_MAX_SIDE:
+                    tile = tile.resize((_DEMO_MAX_SIDE, _DEMO_MAX_SIDE), Image.BICUBIC)
+                tile.save(folder / f"{name}_{i}.png")
+            counts[f"{part}/{name}"] = len(boxes)
+    marker = {"version": _DEMO_VERSION, "photos": list(DEMO_PHOTOS), "tiles": counts}
+    (work / ".complete").write_text(json.dumps(marker, indent=1))  # written last: its presence means complete
+    stale = root.parent / f".{root.name}.old-{os.getpid()}"
+    if root.exists():
+        if (root / ".complete").exists():
+            root.rename(stale)  # an older version of the demo
+        else:
+            root.rmdir()  # empty, checked above
+    try:
+        work.rename(root)
+    except OSError:
+        # Another process finished first; its dataset is as good as ours.
+        shutil.rmtree(work, ignore_errors=True)
+        if not _demo_complete(root):
+            raise
+    shutil.rmtree(stale, ignore_errors=True)
+    return root
+
+
+def _demo_complete(root: Path) -> bool:
+    try:
+        return json.loads((root / ".complete").read_text()).get("version") == _DEMO_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remove_stale_builds(root: Path) -> None:
+    for path in root.parent.glob(f".{root.name}.building-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

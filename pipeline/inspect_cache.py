@@ -1,0 +1,207 @@
+"""What is in a cache, is it intact, and what does its spectrum look like (``inspect-shards``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .reader import CacheReader
+from .schema import MANIFEST, SHARD_META, SHARD_PREFIX, read_manifest
+from .shards import verify_shard
+
+__all__ = ["describe", "verify", "recompute", "dct_matrix", "spectrum", "plot_spectrum"]
+
+
+def _view_indices(reader: CacheReader, n: int) -> list[tuple[int, int]]:
+    """n (sample, view) pairs spread evenly over the cache, deterministic."""
+    total = len(reader) * reader.num_views
+    picks = np.unique(np.linspace(0, total - 1, num=min(n, total)).round().astype(int)) if total else []
+    return [(int(p) // reader.num_views, int(p) % reader.num_views) for p in picks]
+
+
+def describe(root: str | Path, energy_views: int = 64) -> dict:
+    """The table inspect-shards prints: format, teacher, counts, roles, bytes, ratio, DC energy."""
+    reader = CacheReader(root)
+    m = reader.manifest
+    views = m["num_samples"] * m["num_views"]
+    stored = sum(s["bytes"] for s in m["shards"])
+    roles = {}
+    for name, r in m["roles"].items():
+        raw = int(np.prod(r["shape"])) * 4
+        roles[name] = {"shape": r["shape"], "codec": r["codec"],
+                       "stored": {k: f"{v['dtype']}{v['shape']}" for k, v in r["fields"].items()},
+                       "raw_fp32_bytes_per_view": raw}
+    raw_total = views * sum(r["raw_fp32_bytes_per_view"] for r in roles.values())
+    t = m["teacher"]
+    out = {
+        "cache": str(Path(root).resolve()), "format": m["format"], "complete": m["complete"],
+        "teacher": t["name"], "checkpoint_sha256": t.get("checkpoint_sha256"), "split_point": t["split_point"],
+        "teacher_input": f"{t['input_size'][1]}x{t['input_size'][2]} {t['interpolation']} mean={t['mean']} std={t['std']}",
+        "samples": m["num_samples"], "views_per_sample": m["num_views"], "views": views,
+        "shards": f"{len(m['shards'])} of {m.get('num_shards_expected', '?')}", "roles": roles,
+        "bytes_on_disk": stored, "bytes_per_view": round(stored / views, 1) if views else None,
+        "ratio_to_fp32": round(raw_total / stored, 3) if stored else None,
+        "skipped": len(m["skipped"]), "skipped_reasons": _reasons(m["skipped"]),
+    }
+    if "final" in reader.specs and len(reader):
+        fractions = []
+        for i, v in _view_indices(reader, energy_views):
+            f = reader.read(i, v, ["final"])["final"].astype(np.float64)
+            fractions.append(f.shape[0] * (f.mean(0) ** 2).sum() / max((f ** 2).sum(), 1e-30))
+        out["final_dc_energy_fraction"] = {"mean": round(float(np.mean(fractions)), 4),
+                                           "min": round(float(np.min(fractions)), 4),
+                                           "max": round(float(np.max(fractions)), 4), "views": len(fractions)}
+    return out
+
+
+def _reasons(skipped: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s["reason"]] = counts.get(s["reason"], 0) + 1
+    return counts
+
+
+def verify(root: str | Path) -> dict:
+    """Every shard's checksum, schema and completeness; problems name the shard and file."""
+    root = Path(root)
+    m = read_manifest(root)
+    problems = []
+    listed = {s["name"] for s in m["shards"]}
+    for record in m["shards"]:
+        found = verify_shard(root, record)
+        problems += found
+        if not found:
+            problems += _check_schema(root, record, m)
+    on_disk = {p.name for p in root.glob(f"{SHARD_PREFIX}*") if p.is_dir()}
+    problems += [f"{name}: extra shard folder, not in {MANIFEST}" for name in sorted(on_disk - listed)]
+    problems += [f"{p.name}: half-written shard left by an interrupted run (ignored; removed on the next run)"
+                 for p in sorted(root.glob(".tmp-*"))]
+    expected = m.get("num_shards_expected")
+    if expected is not None:
+        names = {f"{SHARD_PREFIX}{i:05d}" for i in range(expected)}
+        problems += [f"{name}: never committed (the run did not finish; run the job again to resume)"
+                     for name in sorted(names - listed)]
+    if m["num_samples"] != sum(s["samples"] for s in m["shards"]):
+        problems.append(f"{MANIFEST}: num_samples {m['num_samples']} != the shards' {sum(s['samples'] for s in m['shards'])}")
+    return {"cache": str(root), "shards": len(m["shards"]), "ok": not problems, "problems": problems}
+
+
+def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
+    meta = json.loads((root / record["name"] / SHARD_META).read_text())
+    n, k = len(meta["samples"]), m["num_views"]
+    problems = []
+    if meta["start"] != record["start"] or meta["end"] != record["end"] or n > meta["end"] - meta["start"]:
+        problems.append(f"{record['name']}: sample range [{meta['start']}, {meta['end']}) does not hold {n} samples")
+    if m["format"] == "zarr":
+        import zarr
+
+        for role in m["roles"].values():
+            for field, f in role["fields"].items():
+                try:
+                    a = zarr.open_array(str(root / record["name"] / field), mode="r")
+                except Exception as e:  # noqa: BLE001 — any unreadable array is a finding, not a crash
+                    problems.append(f"{record['name']}/{field}: unreadable ({type(e).__name__})")
+                    continue
+                want = (n, k, *f["shape"])
+                if tuple(a.shape) != want or str(a.dtype) != f["dtype"]:
+                    problems.append(f"{record['name']}/{field}: {a.dtype}{tuple(a.shape)}, expected {f['dtype']}{want}")
+    else:
+        import tarfile
+
+        for view in range(k):
+            with tarfile.open(root / record["name"] / f"v{view}.tar") as tar:
+                names = set(tar.getnames())
+            for s in meta["samples"]:
+                for role in m["roles"].values():
+                    for field in role["fields"]:
+                        if f"s{s['index']:08d}.{field}.npy" not in names:
+                            problems.append(f"{record['name']}/v{view}.tar: entry s{s['index']:08d}.{field}.npy missing")
+    return problems
+
+
+def recompute(root: str | Path, n: int = 4, device: str = "cpu") -> dict:
+    """Re-run the teacher on n stored views, replaying their parameters; the largest differences."""
+    import torch
+
+    from .datasets import SampleRef, load_image
+    from .views import ViewParams, fingerprint, normalize, render_view
+    from .weights import load_teacher
+
+    reader = CacheReader(root)
+    t = reader.manifest["teacher"]
+    split, sha = load_teacher(t["name"], checkpoint=t.get("checkpoint"), pretrained=t.get("pretrained", False),
+                              late_blocks=t.get("late_blocks") or 2, device=device, **t.get("kwargs", {}))
+    if sha != t.get("checkpoint_sha256"):
+        raise ValueError(f"teacher checkpoint {t.get('checkpoint')} has sha256 {sha}, the cache was made from "
+                         f"{t.get('checkpoint_sha256')}")
+    size = tuple(t["input_size"][1:])
+    worst = {r: 0.0 for r in reader.specs}
+    rel = {r: 0.0 for r in reader.specs}
+    mismatched = []
+    checked = _view_indices(reader, n)
+    for i, v in checked:
+        s = reader[i]
+        ref = SampleRef(index=s["index"], key=s["key"], label=s["label"], source=s["source"], member=s.get("member"))
+        pixels = render_view(load_image(ref), ViewParams.from_array(s["views"][v]), size, t["interpolation"])
+        if fingerprint(pixels) != s["fingerprints"][v]:
+            mismatched.append(f"{s['key']} view {v}")
+        with torch.inference_mode():
+            live = split.targets(normalize(pixels[None], t["mean"], t["std"]).to(device))
+        stored = reader.read(i, v)
+        for r in reader.specs:
+            a, b = live[r][0].float().cpu().numpy(), stored[r]
+            worst[r] = max(worst[r], float(np.abs(a - b).max()))
+            rel[r] = max(rel[r], float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)))
+    return {"views_checked": len(checked), "max_abs_diff": worst, "max_rel_l2": rel,
+            "fingerprint_mismatches": mismatched}
+
+
+def dct_matrix(n: int) -> np.ndarray:
+    """The orthonormal DCT-II matrix (n, n): X = D @ x."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    d = np.cos(np.pi * (2 * i + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+    d[0] /= np.sqrt(2.0)
+    return d
+
+
+def spectrum(root: str | Path, views: int = 64) -> np.ndarray:
+    """Mean |2-D DCT| of the cached final features over channels and views: (Hf, Wf), [0, 0] = DC."""
+    reader = CacheReader(root)
+    h, w = reader.manifest["teacher"]["final_hw"]
+    dh, dw = dct_matrix(h), dct_matrix(w)
+    acc, count = np.zeros((h, w)), 0
+    for i, v in _view_indices(reader, views):
+        f = reader.read(i, v, ["final"])["final"].astype(np.float64)  # (N, C)
+        grid = f.T.reshape(-1, h, w)  # (C, H, W)
+        coeffs = np.einsum("uh,chw,vw->cuv", dh, grid, dw)
+        acc += np.abs(coeffs).mean(0)
+        count += 1
+    return acc / max(count, 1)
+
+
+def plot_spectrum(root: str | Path, path: str | Path, views: int = 64) -> Path:
+    """The poster's Figure 2 from the user's own cache: magnitude by frequency, DC first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = spectrum(root, views)
+    m = read_manifest(root)
+    h, w = spec.shape
+    u, v = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    order = np.argsort((u + v).ravel(), kind="stable")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    im = a1.imshow(spec, cmap="viridis")
+    a1.set(title="mean |DCT| of final features", xlabel="horizontal frequency", ylabel="vertical frequency")
+    fig.colorbar(im, ax=a1)
+    a2.bar(np.arange(h * w), spec.ravel()[order], color=["tab:red"] + ["tab:blue"] * (h * w - 1))
+    a2.set(title="by frequency (zig-zag order); red = DC component", xlabel="frequency index", ylabel="mean |coefficient|")
+    fig.suptitle(f"{m['teacher']['name']} final features, {Path(root).name}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,100 @@
+"""Job specs: the YAML files under jobs/, parsed into one checked object."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from .schema import CODECS, ROLES
+from .views import ViewConfig
+
+__all__ = ["CacheSpec", "load_cache_spec", "work_dir"]
+
+
+def work_dir() -> Path:
+    """Where local runs keep their scratch (Ray's temp files, exported demo weights): $SCALEKD_WORK or ./.work."""
+    return Path(os.environ.get("SCALEKD_WORK", ".work")).resolve()
+
+
+@dataclass
+class CacheSpec:
+    """Everything a caching run depends on.
+
+    dataset:  {kind: demo|imagefolder|webdataset, ...} (see pipeline.datasets.list_dataset)
+    teacher:  {name, checkpoint (a file, or 'builtin:efficientnet-lite0'), pretrained, late_blocks, kwargs}
+    views:    K views per image and their sampling (pipeline.views.ViewConfig)
+    output:   the cache folder; format: zarr | webdataset; roles: {role: codec}
+    """
+
+    name: str
+    dataset: dict
+    teacher: dict
+    output: str
+    views: ViewConfig = field(default_factory=ViewConfig)
+    format: str = "zarr"
+    roles: dict = field(default_factory=lambda: {"final": "fp16", "mid": "fp16", "logits": "fp16"})
+    samples_per_shard: int = 64
+    compression_level: int = 3
+    batch_size: int = 32
+    actors: int = 1
+    address: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self):
+        if self.format not in ("zarr", "webdataset"):
+            raise ValueError(f"format must be 'zarr' or 'webdataset', got {self.format!r}")
+        if "name" not in self.teacher:
+            raise ValueError("teacher.name is required (a timm model name)")
+        unknown = set(self.teacher) - {"name", "checkpoint", "pretrained", "late_blocks", "kwargs"}
+        if unknown:
+            raise ValueError(f"unknown teacher keys {sorted(unknown)}; expected name, checkpoint, pretrained, late_blocks, kwargs")
+        for role, codec in self.roles.items():
+            if role not in ROLES:
+                raise ValueError(f"roles: unknown role {role!r}; expected some of {list(ROLES)}")
+            if codec not in CODECS:
+                raise ValueError(f"roles.{role}: unknown codec {codec!r}; expected one of {list(CODECS)}")
+        if "final" not in self.roles or "logits" not in self.roles:
+            raise ValueError("roles must include 'final' and 'logits' (the distiller's targets); 'mid' is optional")
+        for key in ("samples_per_shard", "batch_size", "actors"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["views"] = asdict(self.views)
+        return d
+
+
+def load_cache_spec(path: str | Path | None = None, **overrides) -> CacheSpec:
+    """Read a job YAML (its ``cache`` section, or the whole file) and apply overrides (None = keep)."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"job spec {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"job spec {path} is not valid YAML: {e}") from None
+        raw = raw.get("cache", raw)
+    raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    known = {f.name for f in fields(CacheSpec)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"job spec {path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    views = raw.pop("views", {}) or {}
+    if isinstance(views, dict):
+        bad = set(views) - {f.name for f in fields(ViewConfig)}
+        if bad:
+            raise ValueError(f"job spec {path}: unknown views key(s) {sorted(bad)}")
+        views = ViewConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in views.items()})
+    missing = {"name", "dataset", "teacher", "output"} - set(raw)
+    if missing:
+        raise ValueError(f"job spec {path}: missing key(s) {sorted(missing)}")
+    return CacheSpec(views=views, **raw)
+
+
+def with_overrides(spec: CacheSpec, **overrides) -> CacheSpec:
+    return replace(spec, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,148 @@
+"""The cache schema: ONE definition of what is stored, used by both stores (zarr and webdataset).
+
+A cache is a folder:
+    manifest.json            everything a reader needs, without this project's code
+    shard-00000/ ...         committed shards (a shard folder appears only by an atomic rename)
+        shard.json           the shard's samples: keys, labels, view parameters, fingerprints, file checksums
+        <store files>        zarr: a v3 group, one sharded array per field;
+                             webdataset: v0.tar … v{K-1}.tar, one tar per view index
+
+Roles and what is stored for each (per view):
+    final   F^t, (N, C) tokens. φ(F^t) is NOT stored: F = φ(F) + DC with DC the per-channel token
+            mean, so the reader derives φ(F) = F − mean(F) exactly on read (nothing stored twice).
+    mid     early's output = late's input, (L, C_mid) tokens (ViTs: prefix tokens first).
+    logits  (classes,).
+
+Codecs (per role):
+    fp32    float32 + zstd: lossless.
+    fp16    float16 + zstd: lossless from fp16 (the default).
+    int8    the DC-split int8 form: DC = per-channel mean (float32), and the DC-removed part
+            quantised per channel to int8 with a float32 scale (max |x − DC| / 127). DC is exact,
+            so the error lands only on φ(F), at 1/254 of each channel's range. numcodecs has no
+            per-channel int8 codec, hence our own few lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ROLES", "CODECS", "RoleSpec", "encode", "decode", "shard_name", "SHARD_PREFIX", "write_json_atomic",
+           "MANIFEST", "SHARD_META", "ManifestError", "read_manifest"]
+
+ROLES = ("final", "mid", "logits")
+CODECS = ("fp32", "fp16", "int8")
+SHARD_PREFIX = "shard-"
+MANIFEST = "manifest.json"
+SHARD_META = "shard.json"
+SCHEMA_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A cache folder whose manifest is missing, unreadable or inconsistent."""
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_PREFIX}{index:05d}"
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """One stored role: its per-view shape (float32 when decoded) and its codec."""
+
+    name: str
+    shape: tuple[int, ...]
+    codec: str = "fp16"
+
+    def __post_init__(self):
+        if self.name not in ROLES:
+            raise ValueError(f"unknown role {self.name!r}; expected one of {list(ROLES)}")
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec {self.codec!r} for role {self.name!r}; expected one of {list(CODECS)}")
+
+    def fields(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """field name → (per-view shape, dtype) as stored."""
+        if self.codec in ("fp32", "fp16"):
+            return {self.name: (self.shape, "float32" if self.codec == "fp32" else "float16")}
+        stat = (1, self.shape[-1]) if len(self.shape) == 2 else (1,)
+        return {f"{self.name}_q": (self.shape, "int8"), f"{self.name}_scale": (stat, "float32"), f"{self.name}_dc": (stat, "float32")}
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"fields": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.fields().items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoleSpec":
+        return cls(d["name"], tuple(d["shape"]), d["codec"])
+
+
+def _stat_axis(spec: RoleSpec) -> int:
+    # per channel over tokens for (N, C); over the whole vector for logits
+    return -2 if len(spec.shape) == 2 else -1
+
+
+def encode(spec: RoleSpec, x: np.ndarray) -> dict[str, np.ndarray]:
+    """x: float32 (..., *spec.shape) → {field: array (..., *field_shape)}."""
+    x = np.asarray(x, dtype=np.float32)
+    if tuple(x.shape[x.ndim - len(spec.shape):]) != spec.shape:
+        raise ValueError(f"role {spec.name}: expected trailing shape {spec.shape}, found {x.shape}")
+    if spec.codec == "fp32":
+        return {spec.name: np.ascontiguousarray(x)}
+    if spec.codec == "fp16":
+        return {spec.name: x.astype(np.float16)}
+    axis = _stat_axis(spec)
+    dc = x.mean(axis=axis, keepdims=True, dtype=np.float64).astype(np.float32)
+    centred = x - dc
+    scale = (np.abs(centred).max(axis=axis, keepdims=True) / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint(centred / safe), -127, 127).astype(np.int8)
+    return {f"{spec.name}_q": q, f"{spec.name}_scale": scale, f"{spec.name}_dc": dc}
+
+
+def decode(spec: RoleSpec, fields: dict[str, np.ndarray]) -> np.ndarray:
+    """{field: array} → float32 (..., *spec.shape)."""
+    if spec.codec in ("fp32", "fp16"):
+        return np.asarray(fields[spec.name], dtype=np.float32)
+    n = spec.name
+    return fields[f"{n}_q"].astype(np.float32) * fields[f"{n}_scale"] + fields[f"{n}_dc"]
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON under a temporary name, fsync, rename: a reader sees the old or the new file, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The manifest of a cache folder, checked for the keys every reader relies on."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{root} is not a teacher cache: {MANIFEST} is missing")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path} cannot be read as JSON: {e}") from None
+    for key in ("format", "schema_version", "teacher", "views", "roles", "shards", "num_samples", "num_views"):
+        if key not in m:
+            raise ManifestError(f"{path}: missing key {key!r}")
+    if m["schema_version"] != SCHEMA_VERSION:
+        raise ManifestError(f"{path}: schema_version {m['schema_version']} is not the supported {SCHEMA_VERSION}")
+    if m["format"] not in ("zarr", "webdataset"):
+        raise ManifestError(f"{path}: format {m['format']!r} is neither 'zarr' nor 'webdataset'")
+    for name, role in m["roles"].items():
+        try:
+            spec = RoleSpec.from_dict(role)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{path}: role {name!r} is malformed: {e}") from None
+        declared = {k: (tuple(v["shape"]), v["dtype"]) for k, v in role.get("fields", {}).items()}
+        if declared != spec.fields():
+            raise ManifestError(f"{path}: role {name!r} declares fields {declared}, but shape {spec.shape} with codec "
+                                f"{spec.codec!r} stores {spec.fields()}")
+    return m

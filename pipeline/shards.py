@@ -1,0 +1,136 @@
+"""Committing a shard exactly once, and checking committed shards.
+
+A shard is written into ``.tmp-shard-NNNNN-<random>/`` with its files fsynced and its
+``shard.json`` (samples, per-file sizes and sha256) written last, then renamed to
+``shard-NNNNN/``. The rename is the commit: a folder named ``shard-*`` is complete by
+construction, a ``.tmp-*`` folder never counts and is removed on the next run. A second writer of
+the same shard (a retried Ray task) finds the shard committed and discards its own copy.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .schema import SHARD_META, SHARD_PREFIX, RoleSpec, shard_name, write_json_atomic
+from .stores import store_module
+from .weights import file_sha256
+
+__all__ = ["CacheWriteError", "commit_shard", "shard_record", "committed_shards", "remove_temporaries", "verify_shard"]
+
+
+class CacheWriteError(RuntimeError):
+    """The cache cannot be written (full disk, no permission); committed shards are untouched."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(files: dict) -> str:
+    canon = json.dumps({k: files[k]["sha256"] for k in sorted(files)}, sort_keys=True).encode()
+    return hashlib.sha256(canon).hexdigest()
+
+
+def shard_record(meta: dict) -> dict:
+    """The manifest's line for a committed shard."""
+    return {
+        "name": meta["name"],
+        "start": meta["start"],
+        "end": meta["end"],
+        "samples": len(meta["samples"]),
+        "bytes": sum(f["bytes"] for f in meta["files"].values()),
+        "sha256": _digest(meta["files"]),
+    }
+
+
+def commit_shard(root: Path, index: int, start: int, end: int, fmt: str, specs: dict[str, RoleSpec],
+                 fields: dict[str, np.ndarray], samples: list[dict], skipped: list[dict], num_views: int,
+                 level: int = 3) -> dict:
+    """Write and atomically commit shard ``index`` (samples [start, end) of the listing); returns its record."""
+    root = Path(root)
+    name = shard_name(index)
+    final = root / name
+    if final.is_dir():
+        return shard_record(json.loads((final / SHARD_META).read_text()))
+    tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        store_module(fmt).write_shard(tmp, specs, fields, samples, num_views, level)
+        files = {}
+        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+            files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        meta = {"name": name, "index": index, "start": start, "end": end, "format": fmt, "num_views": num_views,
+                "samples": samples, "skipped": skipped, "files": files}
+        write_json_atomic(tmp / SHARD_META, meta)
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY) and final.is_dir():  # another attempt committed first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return shard_record(json.loads((final / SHARD_META).read_text()))
+            raise
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise CacheWriteError(f"cannot write shard {name} under {root}: {reason}; committed shards are intact, "
+                              f"free space or fix permissions and run the job again to resume") from e
+    return shard_record(meta)
+
+
+def committed_shards(root: Path) -> dict[int, dict]:
+    """index → shard.json of every committed shard folder."""
+    out = {}
+    for path in sorted(Path(root).glob(f"{SHARD_PREFIX}*")):
+        if path.is_dir() and (path / SHARD_META).is_file():
+            meta = json.loads((path / SHARD_META).read_text())
+            out[meta["index"]] = meta
+    return out
+
+
+def remove_temporaries(root: Path) -> list[str]:
+    """Delete half-written shards left by a killed run; returns their names."""
+    gone = []
+    for path in Path(root).glob(".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        gone.append(path.name)
+    return gone
+
+
+def verify_shard(root: Path, record: dict) -> list[str]:
+    """Problems with one committed shard against its manifest record (empty when intact)."""
+    folder = Path(root) / record["name"]
+    if not (folder / SHARD_META).is_file():
+        return [f"{record['name']}: missing (no {SHARD_META})"]
+    try:
+        meta = json.loads((folder / SHARD_META).read_text())
+    except json.JSONDecodeError as e:
+        return [f"{record['name']}/{SHARD_META}: not valid JSON ({e})"]
+    problems = []
+    for rel, f in meta["files"].items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{record['name']}/{rel}: missing")
+        elif path.stat().st_size != f["bytes"]:
+            problems.append(f"{record['name']}/{rel}: {path.stat().st_size} bytes, expected {f['bytes']}")
+        elif file_sha256(path) != f["sha256"]:
+            problems.append(f"{record['name']}/{rel}: checksum mismatch")
+    extra = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - set(meta["files"]) - {SHARD_META}
+    problems += [f"{record['name']}/{rel}: unexpected file" for rel in sorted(extra)]
+    if shard_record(meta) != record:
+        problems.append(f"{record['name']}: shard.json does not match the manifest's record")
+    return problems
