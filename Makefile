@@ -11,7 +11,7 @@ JOB    ?= jobs/demo.yaml
 PYTEST_ARGS ?=
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-slow cache-teacher clean
+.PHONY: setup test test-slow cache-teacher inspect clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,14 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The caching job (Ray; a local Ray is started when no cluster is given). JOB=jobs/<spec>.yaml for another.
+cache-teacher: setup
+	$(BIN)/scalekd-pipeline cache-teacher $(JOB)
+
+# What the demo cache holds, verified, with its spectrum plot.
+inspect: setup
+	$(BIN)/scalekd-pipeline inspect-shards cache/demo --verify --plot cache/demo-spectrum.png
 
 clean:
 	rm -rf .work cache runs

@@ -217,7 +217,8 @@ _LAYOUT = {
                  "view is final minus its mean over tokens (per channel), not stored",
         "mid": "tokens (L, C) on teacher.mid_hw, the late part's input; plain ViTs: num_prefix_tokens prefix tokens first",
         "logits": "teacher logits (classes,)",
-        "int8": "codec int8 stores <role>_q (int8), <role>_scale and <role>_dc (float32): value = q * scale + dc",
+        "int8": "codec int8 stores <role>_q (int8) and <role>_scale (float32): value = q * scale",
+        "int8dc": "codec int8dc stores <role>_q (int8), <role>_scale and <role>_dc (float32): value = q * scale + dc",
         "view": "view = [top, left, height, width] as fractions of the original image, then flip (0/1); the model's "
                 "input is that box resized to its input size with its interpolation, flipped if flip",
     },

@@ -16,10 +16,15 @@ Roles and what is stored for each (per view):
 Codecs (per role):
     fp32    float32 + zstd: lossless.
     fp16    float16 + zstd: lossless from fp16 (the default).
-    int8    the DC-split int8 form: DC = per-channel mean (float32), and the DC-removed part
-            quantised per channel to int8 with a float32 scale (max |x − DC| / 127). DC is exact,
-            so the error lands only on φ(F), at 1/254 of each channel's range. numcodecs has no
-            per-channel int8 codec, hence our own few lines.
+    int8    per-channel symmetric int8: scale = max |x| / 127 over tokens (float32). Zeros stay
+            exact, so sparse post-ReLU maps keep their zeros (best measured on the demo's CNN features).
+    int8dc  the DC-split int8 form: DC = per-channel token mean (float32, exact) and the DC-removed
+            part quantised per channel to int8 with scale max |x − DC| / 127. For dense maps with a
+            dominant DC component (ViT features, the poster's Figure 2) the step size follows φ(F)'s
+            range instead of |F|'s, so φ(F) keeps its precision.
+    numcodecs has no per-channel int8 codec (its Quantize/FixedScaleOffset use one scale per
+    chunk), hence our own few lines. Every lossy codec's error on F and on φ(F) is measured in
+    bench/storage.py and shown in the README.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ __all__ = ["ROLES", "CODECS", "RoleSpec", "encode", "decode", "shard_name", "SHA
            "MANIFEST", "SHARD_META", "ManifestError", "read_manifest"]
 
 ROLES = ("final", "mid", "logits")
-CODECS = ("fp32", "fp16", "int8")
+CODECS = ("fp32", "fp16", "int8", "int8dc")
 SHARD_PREFIX = "shard-"
 MANIFEST = "manifest.json"
 SHARD_META = "shard.json"
@@ -68,7 +73,10 @@ class RoleSpec:
         if self.codec in ("fp32", "fp16"):
             return {self.name: (self.shape, "float32" if self.codec == "fp32" else "float16")}
         stat = (1, self.shape[-1]) if len(self.shape) == 2 else (1,)
-        return {f"{self.name}_q": (self.shape, "int8"), f"{self.name}_scale": (stat, "float32"), f"{self.name}_dc": (stat, "float32")}
+        out = {f"{self.name}_q": (self.shape, "int8"), f"{self.name}_scale": (stat, "float32")}
+        if self.codec == "int8dc":
+            out[f"{self.name}_dc"] = (stat, "float32")
+        return out
 
     def to_dict(self) -> dict:
         return asdict(self) | {"fields": {k: {"shape": list(s), "dtype": d} for k, (s, d) in self.fields().items()}}
@@ -92,13 +100,15 @@ def encode(spec: RoleSpec, x: np.ndarray) -> dict[str, np.ndarray]:
         return {spec.name: np.ascontiguousarray(x)}
     if spec.codec == "fp16":
         return {spec.name: x.astype(np.float16)}
-    axis = _stat_axis(spec)
-    dc = x.mean(axis=axis, keepdims=True, dtype=np.float64).astype(np.float32)
-    centred = x - dc
-    scale = (np.abs(centred).max(axis=axis, keepdims=True) / 127.0).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.rint(centred / safe), -127, 127).astype(np.int8)
-    return {f"{spec.name}_q": q, f"{spec.name}_scale": scale, f"{spec.name}_dc": dc}
+    axis, n = _stat_axis(spec), spec.name
+    out = {}
+    if spec.codec == "int8dc":
+        out[f"{n}_dc"] = x.mean(axis=axis, keepdims=True, dtype=np.float64).astype(np.float32)
+        x = x - out[f"{n}_dc"]
+    scale = (np.abs(x).max(axis=axis, keepdims=True) / 127.0).astype(np.float32)
+    out[f"{n}_q"] = np.clip(np.rint(x / np.where(scale > 0, scale, 1.0)), -127, 127).astype(np.int8)
+    out[f"{n}_scale"] = scale
+    return out
 
 
 def decode(spec: RoleSpec, fields: dict[str, np.ndarray]) -> np.ndarray:
@@ -106,7 +116,8 @@ def decode(spec: RoleSpec, fields: dict[str, np.ndarray]) -> np.ndarray:
     if spec.codec in ("fp32", "fp16"):
         return np.asarray(fields[spec.name], dtype=np.float32)
     n = spec.name
-    return fields[f"{n}_q"].astype(np.float32) * fields[f"{n}_scale"] + fields[f"{n}_dc"]
+    x = fields[f"{n}_q"].astype(np.float32) * fields[f"{n}_scale"]
+    return x + fields[f"{n}_dc"] if spec.codec == "int8dc" else x
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
