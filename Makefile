@@ -11,7 +11,7 @@ JOB    ?= jobs/demo.yaml
 PYTEST_ARGS ?=
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-slow cache-teacher inspect clean
+.PHONY: setup test test-slow cache-teacher distill inspect clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test-slow: setup
 # The caching job (Ray; a local Ray is started when no cluster is given). JOB=jobs/<spec>.yaml for another.
 cache-teacher: setup
 	$(BIN)/scalekd-pipeline cache-teacher $(JOB)
+
+# The student trainer on the cache that `make cache-teacher` wrote (JOB= for another spec).
+distill: setup
+	$(BIN)/scalekd-pipeline distill $(JOB)
 
 # What the demo cache holds, verified, with its spectrum plot.
 inspect: setup

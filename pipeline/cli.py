@@ -143,3 +143,47 @@ def _print_report(report: dict) -> None:
                    f"max rel L2 {r['max_rel_l2']}; fingerprint mismatches {len(r['fingerprint_mismatches'])}")
     if "plot" in checks:
         typer.echo(f"{'spectrum plot':>26}: {checks['plot']}")
+
+
+@app.command("distill")
+def distill(
+    job: Path = typer.Argument(Path("jobs/demo.yaml"), help="job spec (YAML); its `distill:` section is used"),
+    targets: Optional[str] = typer.Option(None, help="cache (read the cache) or online (run the whole teacher live)"),
+    cache: Optional[Path] = typer.Option(None, help="cache folder (overrides the spec)"),
+    student: Optional[str] = typer.Option(None, help="timm name of the student (overrides the spec)"),
+    recipe: Optional[str] = typer.Option(None, help="traditional, advanced, deit or demo (pipeline/recipes.py)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs (overrides the recipe)"),
+    batch_size: Optional[int] = typer.Option(None, help="batch size (overrides the recipe)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (overrides the recipe)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="run folder (overrides the spec)"),
+    workers: Optional[int] = typer.Option(None, help="loader worker processes"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]"),
+    seed: Optional[int] = typer.Option(None, help="random seed"),
+    resume: bool = typer.Option(False, help="continue from the run folder's checkpoint"),
+    verify_fingerprints: bool = typer.Option(False, help="check every replayed view against its stored fingerprint"),
+    skip_corrupt: bool = typer.Option(False, help="skip samples whose cache entry cannot be read, instead of stopping"),
+):
+    """Train a student from a teacher cache, running only the teacher's late part online (for TPP).
+
+    Ends by printing where the exported student (safetensors, loadable by plain timm), the
+    metrics (JSONL) and the plot of the curves are.
+    """
+    from .job_spec import load_train_spec
+    from .late import CacheMismatchError
+    from .schema import ManifestError
+    from .trainer import train
+
+    try:
+        spec = load_train_spec(job, targets=targets, cache=str(cache) if cache else None, student=student,
+                               recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr,
+                               output=str(output) if output else None, workers=workers, device=device, seed=seed,
+                               verify_fingerprints=verify_fingerprints or None,
+                               on_corrupt="skip" if skip_corrupt else None)
+        result = train(spec, resume=resume, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError, CacheMismatchError, ManifestError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"student:    {result['student']}")
+    typer.echo(f"metrics:    {result['metrics']}")
+    typer.echo(f"plot:       {result['plot']}")
+    typer.echo(f"checkpoint: {result['checkpoint']}")

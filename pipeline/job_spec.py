@@ -98,3 +98,75 @@ def load_cache_spec(path: str | Path | None = None, **overrides) -> CacheSpec:
 
 def with_overrides(spec: CacheSpec, **overrides) -> CacheSpec:
     return replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class TrainSpec:
+    """Everything a distillation run depends on (the ``distill:`` section of a job YAML).
+
+    cache: the cache folder; student: a timm name; recipe: a name from pipeline.recipes, with
+    any of its keys overridable here (epochs, lr, batch_size, opt, weight_decay, sched, ...);
+    loss: overrides of the loss preset (alpha, beta, softmax_scale, heads_stage3/4, ...);
+    teacher: values the run expects of the cache's teacher (name, checkpoint_sha256, ...), checked.
+    """
+
+    name: str
+    cache: str
+    student: str
+    output: str
+    recipe: str = "demo"
+    targets: str = "cache"
+    val: dict | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    opt: str | None = None
+    weight_decay: float | None = None
+    sched: str | None = None
+    warmup_epochs: int | None = None
+    grad_clip: float | None = None
+    task_loss: str | None = None
+    loss: dict = field(default_factory=dict)
+    teacher: dict = field(default_factory=dict)
+    student_kwargs: dict = field(default_factory=dict)
+    student_input_size: int | None = None
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    verify_fingerprints: bool = False
+    on_corrupt: str = "stop"
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self):
+        if self.targets not in ("cache", "online"):
+            raise ValueError(f"targets must be 'cache' or 'online', got {self.targets!r}")
+        if self.on_corrupt not in ("stop", "skip"):
+            raise ValueError(f"on_corrupt must be 'stop' or 'skip', got {self.on_corrupt!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_train_spec(path: str | Path | None = None, **overrides) -> TrainSpec:
+    """Read a job YAML's ``distill`` section and apply overrides (None = keep)."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"job spec {path} does not exist")
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"job spec {path} is not valid YAML: {e}") from None
+        if "distill" not in doc:
+            raise ValueError(f"job spec {path} has no 'distill:' section")
+        raw = doc["distill"] or {}
+    raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    known = {f.name for f in fields(TrainSpec)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"job spec {path}: unknown distill key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    missing = {"name", "cache", "student", "output"} - set(raw)
+    if missing:
+        raise ValueError(f"job spec {path}: distill section misses key(s) {sorted(missing)}")
+    return TrainSpec(**raw)

@@ -35,7 +35,8 @@ def student_norm(model: nn.Module) -> str:
 class StudentTaps(nn.Module):
     """Wraps a timm student: images (B, 3, H, W) → (stage3 map, stage4 map, logits)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, input_size: int | tuple[int, int] | None = None):
+        """input_size: the student's input (H, W) or side; default: timm's pretrained_cfg."""
         super().__init__()
         if not hasattr(model, "forward_intermediates"):
             raise ValueError(f"student {type(model).__name__} has no timm forward_intermediates; cannot tap its stages")
@@ -45,6 +46,9 @@ class StudentTaps(nn.Module):
         self.input_size = tuple(cfg.get("input_size", (3, 224, 224)))
         if hasattr(model, "patch_embed") and getattr(model.patch_embed, "img_size", None):
             self.input_size = (3, *model.patch_embed.img_size)
+        if input_size is not None:
+            hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+            self.input_size = (3, *hw)
         # Probe once for the tapped shapes, which the CAPs are built for.
         was_training = model.training
         model.eval()
@@ -80,6 +84,9 @@ def vit_base_patch14_224(pretrained: bool = False, **kwargs) -> nn.Module:
     return _create_vision_transformer("vit_base_patch14_224", pretrained=pretrained, **dict(args, **kwargs))
 
 
-def create_student(name: str, num_classes: int, **kwargs) -> StudentTaps:
-    """A timm student by name with the teacher's number of classes, wrapped with its taps."""
-    return StudentTaps(timm.create_model(name, num_classes=num_classes, **kwargs))
+def create_student(name: str, num_classes: int, input_size: int | tuple[int, int] | None = None, **kwargs) -> StudentTaps:
+    """A timm student by name with the teacher's number of classes, wrapped with its taps.
+
+    input_size: (H, W) or a side, for CNN students that run at another resolution than timm's
+    default (ViT-like students fix theirs at construction: pass img_size in kwargs instead)."""
+    return StudentTaps(timm.create_model(name, num_classes=num_classes, **kwargs), input_size)

@@ -160,7 +160,7 @@ def test_vit_late_on_patch_tokens_prepends_the_input_level_prefix(key):
     [pytest.param(k, marks=pytest.mark.xfail(
         reason="BUG: TeacherSplit.drop_early replaces patch_embed with nn.Identity, but _ViTAdapter.prefix "
                "(TPP's proxy path on patch-only tokens) still reads model.patch_embed.grid_size -> AttributeError",
-        strict=True)) for k in VIT_KEYS]
+        strict=True, raises=AttributeError)) for k in VIT_KEYS]
     + ["swin", "effnet_lite0", "convnext"],
 )
 def test_drop_early_late_still_runs_proxy_path_on_patch_tokens(key):

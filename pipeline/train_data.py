@@ -1,0 +1,93 @@
+"""The trainer's loader: one stored view per image and epoch, replayed for the student.
+
+For epoch e every image uses its view e mod K (so an epoch reads only that view of the cache,
+and in the webdataset store only the v{e mod K}.tar files). The student sees the stored crop box
+and flip replayed on the original image at the student's own input size, interpolation and
+normalisation; the targets are that view's stored teacher outputs. With ``targets="online"`` the
+item carries the teacher's own rendering of the view instead, for the live teacher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from .datasets import BadImage, SampleRef, load_image
+from .reader import CacheReader
+from .schema import ManifestError
+from .views import ViewParams, fingerprint, normalize, render_view
+
+__all__ = ["ModelInput", "ViewDataset", "ReplayError", "collate_skipping"]
+
+
+class ReplayError(RuntimeError):
+    """A replayed view's teacher pixels do not match the fingerprint stored at caching time."""
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """How one model wants its pixels: (H, W), interpolation, mean, std."""
+
+    size: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class ViewDataset(Dataset):
+    """Items: image (3, H, W) for the student, label, and the view's targets (final (N, C), logits)
+    from the cache, or teacher_image (3, Ht, Wt) when targets='online'."""
+
+    def __init__(self, reader: CacheReader, student: ModelInput, teacher: ModelInput, targets: str = "cache",
+                 verify_fingerprints: bool = False, on_corrupt: str = "stop"):
+        if targets not in ("cache", "online"):
+            raise ValueError(f"targets must be 'cache' or 'online', got {targets!r}")
+        if on_corrupt not in ("stop", "skip"):
+            raise ValueError(f"on_corrupt must be 'stop' or 'skip', got {on_corrupt!r}")
+        self.reader, self.student, self.teacher = reader, student, teacher
+        self.targets, self.verify, self.on_corrupt = targets, verify_fingerprints, on_corrupt
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def view_of(self, epoch: int) -> int:
+        return epoch % self.reader.num_views
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int):
+        s = self.reader[i]
+        view = self.view_of(self.epoch)
+        try:
+            image = load_image(SampleRef(index=s["index"], key=s["key"], label=s["label"], source=s["source"],
+                                         member=s.get("member")))
+            params = ViewParams.from_array(s["views"][view])
+            st = self.student
+            item = {"image": normalize(render_view(image, params, st.size, st.interpolation), st.mean, st.std),
+                    "label": torch.tensor(s["label"]), "index": torch.tensor(i), "view": torch.tensor(view)}
+            if self.verify or self.targets == "online":
+                t = self.teacher
+                pixels = render_view(image, params, t.size, t.interpolation)
+                if self.verify and fingerprint(pixels) != s["fingerprints"][view]:
+                    raise ReplayError(f"sample {s['key']!r} view {view}: the replayed teacher input does not match "
+                                      f"the fingerprint stored in {s['shard']} (the image changed since caching?)")
+                if self.targets == "online":
+                    item["teacher_image"] = normalize(pixels, t.mean, t.std)
+            if self.targets == "cache":
+                stored = self.reader.read(i, view, ["final", "logits"])
+                item["final"] = torch.from_numpy(stored["final"])
+                item["logits"] = torch.from_numpy(stored["logits"])
+            return item
+        except (ManifestError, BadImage, ReplayError) as e:
+            if self.on_corrupt == "skip":
+                return None
+            raise type(e)(f"{e} [shard {s['shard']}, sample {s['key']!r}]") from None
+
+
+def collate_skipping(items):
+    """default_collate without the items a skipping dataset dropped (None)."""
+    kept = [it for it in items if it is not None]
+    return default_collate(kept) if kept else None

@@ -1,0 +1,251 @@
+"""The student trainer: plain PyTorch, one loop for cached and online targets.
+
+    spec → cache manifest (checked against the run) → student, CAPs, teacher late ALONE
+         → for each epoch: view e mod K of every image → distiller loss → step → eval → checkpoint
+         → export the student as safetensors, metrics JSONL and a PNG of the curves
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import timm
+import timm.optim
+import timm.scheduler
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from scalekd.distiller import LOSS_TERMS, ScaleKDDistiller
+from scalekd.presets import preset
+from scalekd.student import create_student
+from scalekd.targets import OnlineTargets, Targets
+
+from .job_spec import TrainSpec
+from .late import CacheMismatchError, build_late, check_teacher_matches
+from .reader import CacheReader
+from .recipes import recipe as named_recipe
+from .train_data import ModelInput, ViewDataset, collate_skipping
+
+__all__ = ["train", "export_student", "evaluate", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
+
+CHECKPOINT, STUDENT_FILE, METRICS_FILE, PLOT_FILE = "checkpoint.pt", "student.safetensors", "metrics.jsonl", "curves.png"
+
+
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def _model_input(cfg: dict, size=None) -> ModelInput:
+    size = tuple(size or cfg["input_size"][1:])
+    return ModelInput(size, cfg.get("interpolation", "bicubic"), tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def build_run(spec: TrainSpec, device: torch.device):
+    """Everything the loop needs: reader, dataset, distiller, online source (or None), recipe."""
+    reader = CacheReader(spec.cache)
+    teacher = reader.manifest["teacher"]
+    check_teacher_matches(teacher, spec.teacher, spec.cache)
+    missing = {"final", "logits"} - set(reader.specs)
+    if missing:
+        raise CacheMismatchError(f"cache {spec.cache} does not store role(s) {sorted(missing)}, which the loss needs")
+    rec = named_recipe(spec.recipe, **{k: getattr(spec, k) for k in ("epochs", "batch_size", "lr", "opt",
+                                                                       "weight_decay", "sched", "warmup_epochs",
+                                                                       "grad_clip", "task_loss")})
+    online = None
+    if spec.targets == "online":
+        from .weights import load_teacher
+
+        split, _ = load_teacher(teacher["name"], checkpoint=teacher.get("checkpoint"),
+                                pretrained=teacher.get("pretrained", False), late_blocks=teacher.get("late_blocks") or 2,
+                                device=device, **(teacher.get("kwargs") or {}))
+        online, late = OnlineTargets(split), split.late
+    else:
+        late = build_late(teacher, device)
+    student = create_student(spec.student, num_classes=teacher["num_classes"], input_size=spec.student_input_size,
+                             **spec.student_kwargs)
+    loss_cfg = preset(late.info, spec.student, **({"task_loss": rec["task_loss"]} | spec.loss))
+    distiller = ScaleKDDistiller(student, late, loss_cfg).to(device)
+    scfg = dict(student.model.pretrained_cfg) | {"input_size": student.input_size}
+    data = ViewDataset(reader, _model_input(scfg), _model_input(teacher), spec.targets,
+                       spec.verify_fingerprints, spec.on_corrupt)
+    return reader, data, distiller, online, rec
+
+
+def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, batch_size: int = 64) -> dict:
+    """top-1/top-5 (%) of a timm classifier on a labelled dataset, with timm's own eval transform
+    (resize, centre crop by crop_pct, normalise) at input_size (3, H, W) or the model's default."""
+    if not val_spec:
+        return {}
+    from timm.data import create_transform, resolve_data_config
+
+    from .datasets import list_dataset, load_image
+
+    refs, _, _ = list_dataset(val_spec)
+    args = {"input_size": tuple(input_size)} if input_size else {}
+    transform = create_transform(**resolve_data_config(args, model=model), is_training=False)
+    was = model.training
+    model.eval()
+    correct1 = correct5 = 0
+    with torch.inference_mode():
+        for i in range(0, len(refs), batch_size):
+            chunk = refs[i : i + batch_size]
+            x = torch.stack([transform(load_image(r)) for r in chunk]).to(device)
+            y = torch.tensor([r.label for r in chunk], device=device)
+            top5 = model(x).topk(5, dim=-1).indices
+            correct1 += (top5[:, 0] == y).sum().item()
+            correct5 += (top5 == y[:, None]).any(-1).sum().item()
+    model.train(was)
+    return {"top1": 100.0 * correct1 / len(refs), "top5": 100.0 * correct5 / len(refs), "images": len(refs)}
+
+
+def export_student(model: nn.Module, path: Path) -> Path:
+    """The student alone, as safetensors that plain timm loads:
+    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint whole
+
+
+def _plot(metrics: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [m["epoch"] + 1 for m in metrics]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for term in (*LOSS_TERMS, "loss"):
+        a1.plot(epochs, [m["train"][term] for m in metrics], marker="o", label=term)
+    a1.set(xlabel="epoch", ylabel="mean loss term", title="training loss (weighted terms)", yscale="log")
+    a1.legend(fontsize=8)
+    if any("top1" in m.get("val", {}) for m in metrics):
+        a2.plot(epochs, [m["val"].get("top1") for m in metrics], marker="o", label="top-1")
+        a2.plot(epochs, [m["val"].get("top5") for m in metrics], marker="o", label="top-5")
+        a2.legend()
+    a2.set(xlabel="epoch", ylabel="%", title="validation accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=print, stop_after_steps: int | None = None) -> dict:
+    """Train a student from the cache (or online); returns where its files are and the last metrics.
+
+    stop_after_steps: stop (without a checkpoint of the unfinished epoch) after that many steps of
+    this call, as a kill would (tests).
+    """
+    device = _device(spec.device)
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    reader, data, distiller, online, rec = build_run(spec, device)
+    trainable = nn.ModuleDict({"student": distiller.student, "caps": distiller.caps})
+    opt = timm.optim.create_optimizer_v2(trainable, opt=rec["opt"], lr=rec["lr"], weight_decay=rec["weight_decay"],
+                                         **({"momentum": rec["momentum"]} if "momentum" in rec else {}))
+    batch = min(rec["batch_size"], len(data))
+    steps = len(data) // batch
+    if spec.max_steps_per_epoch:
+        steps = min(steps, spec.max_steps_per_epoch)
+    sched, _ = timm.scheduler.create_scheduler_v2(
+        opt, sched=rec["sched"], num_epochs=rec["epochs"], warmup_epochs=rec.get("warmup_epochs", 0),
+        decay_milestones=rec.get("decay_milestones", (90, 180, 270)), decay_rate=rec.get("decay_rate", 0.1),
+        step_on_epochs=False, updates_per_epoch=steps)
+    start_epoch, metrics = 0, []
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["spec"] != _resume_key(spec):
+            raise ValueError(f"{ckpt_path} belongs to another run configuration; start a new output folder")
+        trainable.load_state_dict(state["trainable"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_epoch, metrics = state["epoch"] + 1, json.loads(state["metrics"])
+        log(f"resuming {spec.name} at epoch {start_epoch + 1} of {rec['epochs']} from {ckpt_path}")
+    amp = device.type == "cuda"
+    pin = device.type == "cuda"
+    from tqdm import tqdm
+
+    done_steps = 0
+    for epoch in range(start_epoch, rec["epochs"]):
+        data.set_epoch(epoch)  # view e mod K; the shuffle is seeded by epoch, so a resumed run replays it
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(spec.seed * 100_003 + epoch))
+        loader = DataLoader(data, batch_size=batch, sampler=sampler, num_workers=spec.workers, drop_last=True,
+                            collate_fn=collate_skipping, pin_memory=pin,
+                            persistent_workers=False, multiprocessing_context="fork" if spec.workers else None)
+        distiller.train()
+        sums, seen, t0 = {k: 0.0 for k in (*LOSS_TERMS, "loss")}, 0, time.perf_counter()
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{rec['epochs']}", disable=not progress, file=sys.stderr)
+        for step, b in enumerate(loader):
+            if step >= steps:
+                break
+            if b is None:
+                continue
+            images, labels = b["image"].to(device, non_blocking=pin), b["label"].to(device, non_blocking=pin)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                if online is not None:
+                    targets = online(b["teacher_image"].to(device, non_blocking=pin))
+                else:
+                    targets = Targets.from_final(b["final"].to(device, non_blocking=pin).float(),
+                                                 b["logits"].to(device, non_blocking=pin).float())
+                terms = distiller(images, targets, labels)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if rec.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(trainable.parameters(), rec["grad_clip"])
+            opt.step()
+            sched.step_update(epoch * steps + step + 1)
+            n = images.shape[0]
+            seen += n
+            for k in sums:
+                sums[k] += terms[k].item() * n
+            if not math.isfinite(terms["loss"].item()):
+                raise FloatingPointError(f"loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1}")
+            bar.set_postfix({k: f"{terms[k].item():.3g}" for k in ("loss", "task", "kd", "main_direct")}
+                            | {"img/s": f"{seen / (time.perf_counter() - t0):.1f}"})
+            bar.update(1)
+            done_steps += 1
+            if stop_after_steps is not None and done_steps >= stop_after_steps:
+                bar.close()
+                return {"stopped": True, "epoch": epoch, "step": step + 1}
+        bar.close()
+        seconds = time.perf_counter() - t0
+        val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size)
+        record = {"epoch": epoch, "view": data.view_of(epoch), "train": {k: v / max(seen, 1) for k, v in sums.items()},
+                  "val": val, "lr": opt.param_groups[0]["lr"], "samples": seen, "seconds": round(seconds, 2),
+                  "samples_per_s": round(seen / seconds, 2) if seconds else None}
+        metrics.append(record)
+        with open(out / METRICS_FILE, "a" if epoch else "w") as f:
+            f.write(json.dumps(record) + "\n")
+        _save_checkpoint(ckpt_path, {"spec": _resume_key(spec), "epoch": epoch, "trainable": trainable.state_dict(),
+                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                     "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)})
+        log(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}"
+            + (f", val top-1 {val['top1']:.1f}% top-5 {val['top5']:.1f}%" if val else "")
+            + f", {record['samples_per_s']} samples/s")
+    student_file = export_student(distiller.student.model, out / STUDENT_FILE)
+    plot = _plot(metrics, out / PLOT_FILE) if metrics else None
+    return {"student": str(student_file), "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
+            "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None}
+
+
+def _resume_key(spec: TrainSpec) -> str:
+    d = spec.to_dict()
+    for volatile in ("workers", "device", "output", "verify_fingerprints", "on_corrupt"):
+        d.pop(volatile, None)
+    return json.dumps(d, sort_keys=True)

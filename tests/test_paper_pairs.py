@@ -1,0 +1,134 @@
+"""The paper's 11 teacher/student pairs at full size (random weights): build, one forward, shapes, presets.
+
+Slow: Swin-L (197 M) and EVA-L/14 (304 M) teachers. One teacher is held at a time (a module-scoped,
+parametrized fixture: pytest runs all tests of one teacher, frees it, then builds the next); each
+student and its distiller are freed after its test.
+"""
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import timm
+import torch
+
+import scalekd.student  # noqa: F401  (registers mixer_b14_224 and vit_base_patch14_224)
+from scalekd.cap import LayerNorm2d
+from scalekd.distiller import LOSS_TERMS, ScaleKDDistiller
+from scalekd.presets import preset
+from scalekd.student import create_student
+from scalekd.targets import OnlineTargets
+from scalekd.teacher import split_teacher
+
+pytestmark = pytest.mark.slow
+
+SWIN_L = "swin_large_patch4_window7_224"
+EVA_L = "eva_large_patch14_196"
+TEACHER_KWARGS = {SWIN_L: {}, EVA_L: dict(img_size=224)}
+
+# SCALEKD.md: (teacher, student, softmax_scale); α, β per teacher; heads 16 / 24 for Swin-L
+PAIRS = [
+    (SWIN_L, "mobilenetv1_100", 5.0),
+    (SWIN_L, "resnet50", 5.0),
+    (SWIN_L, "convnext_tiny", 1.0),
+    (SWIN_L, "mixer_s16_224", 5.0),
+    (SWIN_L, "mixer_b16_224", 5.0),
+    (SWIN_L, "vit_small_patch16_224", 5.0),
+    (SWIN_L, "swin_tiny_patch4_window7_224", 1.0),
+    (SWIN_L, "vit_base_patch16_224", 5.0),
+    (EVA_L, "resnet50", 0.2),
+    (EVA_L, "mixer_b14_224", 1.0),
+    (EVA_L, "vit_base_patch14_224", 1.0),
+]
+ALPHA_BETA = {SWIN_L: (0.08, 0.06), EVA_L: (0.016, 0.008)}
+# teacher → (mid (tokens incl. prefix, C), final (tokens, C), mid grid)
+SHAPES = {SWIN_L: ((196, 768), (49, 1536), (14, 14)), EVA_L: ((257, 1024), (256, 1024), (16, 16))}
+CNN_STUDENTS = ("mobilenetv1_100", "resnet50")
+
+
+@pytest.fixture(scope="module")
+def teacher(request):
+    """One teacher split at a time: pytest groups the tests by this module-scoped fixture's value
+    and tears the previous teacher down before building the next."""
+    gc.collect()
+    torch.manual_seed(0)
+    name = request.param
+    split = split_teacher(timm.create_model(name, **TEACHER_KWARGS[name]), name)
+    yield split
+    del split
+    gc.collect()
+
+
+@pytest.mark.parametrize("teacher", [SWIN_L, EVA_L], indirect=True)
+def test_paper_teacher_split_shapes_and_logits(teacher):
+    split, teacher_name = teacher, teacher.info.name
+    (mid_tokens, mid_c), (final_tokens, final_c), grid = SHAPES[teacher_name]
+    info = split.info
+    assert (info.mid_tokens, info.mid_channels, info.final_tokens, info.final_channels) == (mid_tokens, mid_c, final_tokens, final_c)
+    assert info.mid_hw == grid and info.num_classes == 1000 and info.input_size == (3, 224, 224)
+    if teacher_name == SWIN_L:
+        assert (info.split_point, info.final_hw) == ("layers.3", (7, 7))
+        n = sum(p.numel() for p in split.model.parameters())
+        assert 190e6 < n < 200e6  # SCALEKD.md: 196.5 M
+    else:
+        assert (info.split_point, info.late_blocks, info.num_prefix_tokens) == ("blocks.22", 2, 1)
+        n = sum(p.numel() for p in split.model.parameters())
+        assert 300e6 < n < 310e6  # SCALEKD.md: 304.1 M
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        out = split.targets(x)
+        torch.testing.assert_close(out["logits"], split.model(x), rtol=0, atol=0)
+    assert out["mid"].shape == (1, mid_tokens, mid_c) and out["final"].shape == (1, final_tokens, final_c)
+
+
+@pytest.mark.parametrize(
+    "teacher, student_name, softmax_scale", PAIRS, ids=[f"{t.split('_')[0]}-{s}" for t, s, _ in PAIRS], indirect=["teacher"]
+)
+def test_paper_pair_builds_runs_one_step_and_matches_release_settings(teacher, student_name, softmax_scale):
+    split, teacher_name = teacher, teacher.info.name
+    info = split.info
+    torch.manual_seed(0)
+    student = create_student(student_name, info.num_classes)
+    cfg = preset(info, student_name)
+
+    # the release's settings for this pair (SCALEKD.md)
+    alpha, beta = ALPHA_BETA[teacher_name]
+    assert (cfg.alpha, cfg.beta, cfg.softmax_scale) == (alpha, beta, softmax_scale)
+    if teacher_name == SWIN_L:
+        assert (cfg.heads_stage3, cfg.heads_stage4) == (16, 24)
+    else:
+        assert 1024 % cfg.heads_stage3 == 0 and 1024 % cfg.heads_stage4 == 0
+    assert cfg.task_loss in (("ce", "bce") if student_name in CNN_STUDENTS else ("ce_smooth",))
+    assert (cfg.task_weight, cfg.kd_weight, cfg.temperature) == (0.5, 1.0, 1.0)
+
+    distiller = ScaleKDDistiller(student, split.late, cfg)
+    caps = distiller.caps
+    for key in ("s3_direct", "s3_dc", "s4_direct", "s4_dc"):
+        assert caps[key].softmax_scale == softmax_scale
+        expected_norm = LayerNorm2d if student_name.startswith("convnext") else torch.nn.BatchNorm2d
+        assert type(caps[key].patchify[1]) is expected_norm
+    assert (caps["s3_direct"].num_heads, caps["s4_direct"].num_heads) == (cfg.heads_stage3, cfg.heads_stage4)
+    assert caps["s3_direct"].student_channels == student.stage3_shape[0]
+    assert caps["s4_direct"].student_channels == student.stage4_shape[0]
+
+    images = torch.randn(1, 3, 224, 224)  # teacher and student see the same view
+    targets = OnlineTargets(split)(images)
+    distiller.train()
+    out = distiller(images, targets, torch.tensor([281]))
+    paths, logits = distiller.paths(images)
+    (_, mid_c), (final_tokens, final_c), grid = SHAPES[teacher_name]
+    with torch.no_grad():
+        s3, _, _ = distiller.student(images)
+        # CAP_s3 speaks the teacher's mid token space (patch tokens only): Swin-L (1, 196, 768), EVA (1, 256, 1024)
+        assert caps["s3_direct"](s3).shape == (1, grid[0] * grid[1], mid_c)
+    for key in ("proxy_direct", "proxy_dc", "main_direct", "main_dc"):
+        assert paths[key].shape == (1, final_tokens, final_c), key
+    assert logits.shape == (1, 1000)
+    assert targets.final.shape == (1, final_tokens, final_c)
+    assert all(math.isfinite(out[k].item()) for k in (*LOSS_TERMS, "loss"))
+    assert out["loss"].item() == pytest.approx(sum(out[k].item() for k in LOSS_TERMS), rel=1e-5)
+    assert not distiller.late.training
+
+    del distiller, student, out, paths, logits, targets
+    gc.collect()
