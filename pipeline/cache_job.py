@@ -171,10 +171,11 @@ def _versions() -> dict:
 def _config(spec: CacheSpec, sha: str | None, refs: list[SampleRef]) -> dict:
     """What makes two runs write the same cache; a mismatch with an existing cache is refused."""
     listing = hashlib.sha256("\n".join(f"{r.key}\t{r.label}" for r in refs).encode()).hexdigest()
-    return {"format": spec.format, "teacher": spec.teacher["name"], "checkpoint_sha256": sha,
+    # Through JSON and back, so that it compares equal to the copy read from manifest.json (tuples → lists).
+    return json.loads(json.dumps({"format": spec.format, "teacher": spec.teacher["name"], "checkpoint_sha256": sha,
             "late_blocks": spec.teacher.get("late_blocks", 2), "teacher_kwargs": spec.teacher.get("kwargs", {}),
             "views": asdict(spec.views), "roles": dict(spec.roles), "samples_per_shard": spec.samples_per_shard,
-            "compression_level": spec.compression_level, "dataset_listing_sha256": listing}
+            "compression_level": spec.compression_level, "dataset_listing_sha256": listing}))
 
 
 def _prepare_output(root: Path, config: dict, overwrite: bool) -> None:

@@ -63,7 +63,7 @@ class CacheReader:
         s = self.samples[i]
         try:
             fields = self._shard(s["shard"]).read(s["row"], view, roles)
-        except (OSError, KeyError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 — zarr/numcodecs/numpy raise many kinds on corrupt data
             raise ManifestError(f"{self.root / s['shard']}: cannot read sample {s['key']!r} (index {s['index']}), "
                                 f"view {view}: {e}") from e
         return {r: decode(self.specs[r], fields) for r in roles}

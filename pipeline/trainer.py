@@ -66,6 +66,7 @@ def build_run(spec: TrainSpec, device: torch.device):
         online, late = OnlineTargets(split), split.late
     else:
         late = build_late(teacher, device)
+    torch.manual_seed(spec.seed)  # the student and CAPs start the same whichever target source was built
     student = create_student(spec.student, num_classes=teacher["num_classes"], input_size=spec.student_input_size,
                              **spec.student_kwargs)
     loss_cfg = preset(late.info, spec.student, **({"task_loss": rec["task_loss"]} | spec.loss))

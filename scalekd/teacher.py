@@ -265,19 +265,19 @@ class _ViTAdapter(_Adapter):
     def __init__(self, kind: str, late_blocks: int):
         self.kind, self.k = kind, late_blocks
 
-    def _rope(self, model):
+    def _rope(self, model, grid):
         rope = getattr(model, "rope", None)
         if rope is None:
             return None
-        return rope.get_embed() if hasattr(rope, "feat_shape") else rope.get_embed(shape=model.patch_embed.grid_size)
+        return rope.get_embed() if hasattr(rope, "feat_shape") else rope.get_embed(shape=list(grid))
 
-    def _run_blocks(self, model, x, blocks: range):
+    def _run_blocks(self, model, x, blocks: range, grid):
         if self.kind == "beit":
             bias = model.rel_pos_bias() if model.rel_pos_bias is not None else None
             for i in blocks:
                 x = model.blocks[i](x, shared_rel_pos_bias=bias)
         elif self.kind == "eva":
-            rope = self._rope(model)
+            rope = self._rope(model, grid)
             mixed = getattr(model, "rope_mixed", False) and rope is not None
             for i in blocks:
                 x = model.blocks[i](x, rope=rope[i] if mixed else rope)
@@ -301,20 +301,20 @@ class _ViTAdapter(_Adapter):
 
     def early(self, model, x):
         x = self._embed(model, model.patch_embed(x))
-        return self._run_blocks(model, x, range(len(model.blocks) - self.k))
+        return self._run_blocks(model, x, range(len(model.blocks) - self.k), model.patch_embed.grid_size)
 
-    def prefix(self, model, batch: int, like: torch.Tensor):
-        """The teacher's input-level prefix tokens (1→B, P, C), for patch-only (proxy) input."""
-        grid = model.patch_embed.grid_size
+    def prefix(self, model, batch: int, like: torch.Tensor, grid: tuple[int, int]):
+        """The teacher's input-level prefix tokens (1→B, P, C), for patch-only (proxy) input.
+        Uses only the prefix embeddings (cls/reg tokens, pos_embed, norm_pre), which late keeps."""
         shape = (1, *grid, model.embed_dim) if getattr(model, "dynamic_img_size", False) else (1, grid[0] * grid[1], model.embed_dim)
         zeros = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self._embed(model, zeros)[:, : model.num_prefix_tokens].expand(batch, -1, -1)
 
     def late(self, model, mid, info):
         if mid.shape[1] != info.mid_tokens:  # patch tokens only: TPP's proxy path
-            mid = torch.cat((self.prefix(model, mid.shape[0], mid), mid), dim=1)
+            mid = torch.cat((self.prefix(model, mid.shape[0], mid, info.mid_hw), mid), dim=1)
         depth = len(model.blocks)
-        return model.norm(self._run_blocks(model, mid, range(depth - self.k, depth)))
+        return model.norm(self._run_blocks(model, mid, range(depth - self.k, depth), info.mid_hw))
 
     def head(self, model, out):
         return model.forward_head(out)

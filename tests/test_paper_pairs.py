@@ -1,8 +1,8 @@
 """The paper's 11 teacher/student pairs at full size (random weights): build, one forward, shapes, presets.
 
-Slow: Swin-L (197 M) and EVA-L/14 (304 M) teachers. One teacher is held at a time (a module-scoped,
-parametrized fixture: pytest runs all tests of one teacher, frees it, then builds the next); each
-student and its distiller are freed after its test.
+Slow: Swin-L (197 M) and EVA-L/14 (304 M) teachers. One teacher is held at a time (all Swin-L tests
+run first, then the Swin-L split is freed and EVA-L built); each student and its distiller are freed
+after its test.
 """
 from __future__ import annotations
 
@@ -47,22 +47,29 @@ SHAPES = {SWIN_L: ((196, 768), (49, 1536), (14, 14)), EVA_L: ((257, 1024), (256,
 CNN_STUDENTS = ("mobilenetv1_100", "resnet50")
 
 
-@pytest.fixture(scope="module")
-def teacher(request):
-    """One teacher split at a time: pytest groups the tests by this module-scoped fixture's value
-    and tears the previous teacher down before building the next."""
-    gc.collect()
-    torch.manual_seed(0)
-    name = request.param
-    split = split_teacher(timm.create_model(name, **TEACHER_KWARGS[name]), name)
-    yield split
-    del split
+_held: dict[str, object] = {}
+
+
+def _teacher(name):
+    """One teacher split at a time: asking for another frees the one held first. The test functions
+    are ordered Swin-L first, then EVA-L, so each teacher is built once."""
+    if name not in _held:
+        _held.clear()
+        gc.collect()
+        torch.manual_seed(0)
+        _held[name] = split_teacher(timm.create_model(name, **TEACHER_KWARGS[name]), name)
+    return _held[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_teacher_at_end():
+    yield
+    _held.clear()
     gc.collect()
 
 
-@pytest.mark.parametrize("teacher", [SWIN_L, EVA_L], indirect=True)
-def test_paper_teacher_split_shapes_and_logits(teacher):
-    split, teacher_name = teacher, teacher.info.name
+def _check_teacher(teacher_name):
+    split = _teacher(teacher_name)
     (mid_tokens, mid_c), (final_tokens, final_c), grid = SHAPES[teacher_name]
     info = split.info
     assert (info.mid_tokens, info.mid_channels, info.final_tokens, info.final_channels) == (mid_tokens, mid_c, final_tokens, final_c)
@@ -82,11 +89,8 @@ def test_paper_teacher_split_shapes_and_logits(teacher):
     assert out["mid"].shape == (1, mid_tokens, mid_c) and out["final"].shape == (1, final_tokens, final_c)
 
 
-@pytest.mark.parametrize(
-    "teacher, student_name, softmax_scale", PAIRS, ids=[f"{t.split('_')[0]}-{s}" for t, s, _ in PAIRS], indirect=["teacher"]
-)
-def test_paper_pair_builds_runs_one_step_and_matches_release_settings(teacher, student_name, softmax_scale):
-    split, teacher_name = teacher, teacher.info.name
+def _check_pair(teacher_name, student_name, softmax_scale):
+    split = _teacher(teacher_name)
     info = split.info
     torch.manual_seed(0)
     student = create_student(student_name, info.num_classes)
@@ -132,3 +136,24 @@ def test_paper_pair_builds_runs_one_step_and_matches_release_settings(teacher, s
 
     del distiller, student, out, paths, logits, targets
     gc.collect()
+
+
+# pytest runs these in file order: every Swin-L test, then every EVA-L test.
+
+
+def test_swin_l_teacher_split_shapes_and_logits():
+    _check_teacher(SWIN_L)
+
+
+@pytest.mark.parametrize("student_name, softmax_scale", [(s, k) for t, s, k in PAIRS if t == SWIN_L])
+def test_swin_l_pair_builds_runs_one_step_and_matches_release_settings(student_name, softmax_scale):
+    _check_pair(SWIN_L, student_name, softmax_scale)
+
+
+def test_eva_l_teacher_split_shapes_and_logits():
+    _check_teacher(EVA_L)
+
+
+@pytest.mark.parametrize("student_name, softmax_scale", [(s, k) for t, s, k in PAIRS if t == EVA_L])
+def test_eva_l_pair_builds_runs_one_step_and_matches_release_settings(student_name, softmax_scale):
+    _check_pair(EVA_L, student_name, softmax_scale)

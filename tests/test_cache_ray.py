@@ -1,0 +1,126 @@
+"""The caching job on a local Ray started by the job itself: the same shards as engine='local', no files
+in $HOME, errors from inside an actor surface as themselves, Ray shut down afterwards.
+
+Two Ray runs in this file (a local Ray costs ~10 s to start and its actors another ~15 s to import
+torch here)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from _cache_helpers import (all_keys, committed, file_sums, make_imagefolder, make_spec, manifest, run,
+                            save_checkpoint, shard_sums, temporaries)
+from pipeline.inspect_cache import verify
+
+
+@pytest.fixture(scope="module")
+def local_ref(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray-ref")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCALEKD_WORK", str(root / "work"))
+        data = make_imagefolder(root / "data")
+        ckpt = save_checkpoint(root / "teacher.safetensors")
+        spec = make_spec(data, root / "local", ckpt)
+        run(spec, engine="local")
+    return SimpleNamespace(root=root, data=data, ckpt=ckpt, local=root / "local")
+
+
+@pytest.fixture
+def ray_env(monkeypatch, tmp_path):
+    """A short SCALEKD_WORK (Ray's unix sockets live under it: ~107 characters at most), an empty HOME,
+    no auth; Ray is shut down whatever happens."""
+    import ray
+
+    assert not ray.is_initialized()
+    work = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("SCALEKD_WORK", str(work))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        yield SimpleNamespace(work=work, home=home)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_ray_engine_writes_the_same_shards_as_local_and_leaves_home_alone(local_ref, ray_env, tmp_path):
+    import ray
+
+    out = tmp_path / "ray-cache"
+    spec = make_spec(local_ref.data, out, local_ref.ckpt)
+    summary = run(spec, engine="ray")
+    assert summary["complete"] is True and summary["samples"] == 9 and summary["shards"] == 4
+    assert summary["new_samples"] == 9 and summary["skipped"] == 1
+    # the job started its own Ray and shut it down
+    assert not ray.is_initialized()
+    # byte-identical shards to the in-process engine
+    assert shard_sums(out) == shard_sums(local_ref.local)
+    assert file_sums(out) == file_sums(local_ref.local)
+    assert sorted(all_keys(out)) == sorted(all_keys(local_ref.local))
+    assert manifest(out)["skipped"] == manifest(local_ref.local)["skipped"]
+    assert verify(out)["ok"] is True
+    # Ray kept its files in the work folder, and nothing at all was written into $HOME
+    assert list(ray_env.home.iterdir()) == []
+    assert any((ray_env.work / "ray").glob("session_*"))
+
+
+@pytest.fixture(scope="module")
+def nan_run(local_ref, tmp_path_factory):
+    """The second (and last) Ray run: a checkpoint with a NaN weight, so the teacher actor raises
+    FloatingPointError on its first shard. Returns what the caller saw and what was left behind."""
+    import ray
+
+    root = tmp_path_factory.mktemp("ray-nan")
+    work = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))
+    (root / "home").mkdir()
+    bad = save_checkpoint(root / "nan.safetensors", nan=True)
+    out = root / "cache"
+    error = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCALEKD_WORK", str(work))
+        mp.setenv("HOME", str(root / "home"))
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        try:
+            run(make_spec(local_ref.data, out, bad), engine="ray")
+        except Exception as e:  # noqa: BLE001 - inspected by the tests below
+            error = e
+        finally:
+            initialized_after = ray.is_initialized()
+            ray.shutdown()
+            shutil.rmtree(work, ignore_errors=True)
+    return SimpleNamespace(error=error, out=out, home=root / "home", initialized_after=initialized_after)
+
+
+def test_ray_actor_error_stops_the_job_commits_nothing_and_shuts_ray_down(nan_run):
+    e = nan_run.error
+    assert e is not None, "a NaN teacher must not give a cache"
+    # the reason, with the shard, is in the error the caller gets (wrapped or not)
+    assert re.search(r"NaN/Inf in '(final|mid|logits)' for shard \d", str(e)), str(e)[-2000:]
+    assert nan_run.initialized_after is False
+    assert committed(nan_run.out) == [] and temporaries(nan_run.out) == []
+    m = manifest(nan_run.out)
+    assert m["complete"] is False and m["shards"] == [] and m["num_samples"] == 0
+    assert list(nan_run.home.iterdir()) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: with engine='ray' an error raised in a stage reaches the caller as ray's RayTaskError("
+    "UserCodeException), not as the FloatingPointError / CacheWriteError the job promises (and cli.cache_teacher "
+    "catches): Ray Data wraps UDF errors in UserCodeException and the original exception is not chained "
+    "(.cause / __cause__) on the driver, so _root_cause() stops at UserCodeException (pipeline/cache_job.py "
+    "_root_cause / run_cache_job). Fix: ray.data.DataContext.get_current().raise_original_map_exception = True "
+    "in _init_ray (then the RayTaskError is an instance of the original class and .cause is it)"))
+def test_ray_actor_error_surfaces_as_itself(nan_run):
+    e = nan_run.error
+    assert isinstance(e, FloatingPointError), f"{type(e).__mro__}"
+    assert type(e) is FloatingPointError

@@ -1,0 +1,257 @@
+"""The trainer: cached targets give the online loss (the correctness anchor), late alone, resume,
+export, and clear refusals. Tiny ViT teacher (tests/_cache_helpers.py), timm's test_resnet student."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch.utils.data import default_collate
+
+from _cache_helpers import TEACHER_KWARGS, TEACHER_NAME, make_imagefolder, make_spec, run, save_checkpoint
+from pipeline.job_spec import TrainSpec
+from pipeline.late import CacheMismatchError, build_late
+from pipeline.reader import CacheReader
+from pipeline.schema import ManifestError
+from pipeline.trainer import STUDENT_FILE, build_run, train
+from scalekd.targets import Targets
+
+STUDENT = "test_resnet"
+FP16 = {"final": "fp16", "mid": "fp16", "logits": "fp16"}
+FP32 = {"final": "fp32", "mid": "fp32", "logits": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A dataset, a teacher checkpoint and four caches of it (fp32/fp16 × zarr/webdataset)."""
+    root = tmp_path_factory.mktemp("trainer")
+    data = make_imagefolder(root / "data", per_class=4, corrupt=False)
+    ckpt = save_checkpoint(root / "teacher.safetensors")
+    caches = {}
+    for fmt in ("zarr", "webdataset"):
+        for name, roles in (("fp32", FP32), ("fp16", FP16)):
+            out = root / f"cache-{fmt}-{name}"
+            run(make_spec(data, out, ckpt, fmt=fmt, roles=roles, samples_per_shard=5, per_image=2))
+            caches[(fmt, name)] = out
+    return {"root": root, "data": data, "ckpt": ckpt, "caches": caches}
+
+
+def _spec(world, cache, output, **kw) -> TrainSpec:
+    kw = {"recipe": "demo", "epochs": 2, "batch_size": 4, "workers": 0, "student_input_size": 64,
+          "device": "cpu"} | kw
+    return TrainSpec(name="t", cache=str(cache), student=STUDENT, output=str(output), **kw)
+
+
+def _batch(data, indices):
+    return default_collate([data[i] for i in indices])
+
+
+def _terms(spec, indices=(0, 1, 2, 3), epoch=0):
+    """Loss terms of one batch of views through build_run's distiller (same seed → same student)."""
+    reader, data, distiller, online, _ = build_run(spec, torch.device("cpu"))
+    data.set_epoch(epoch)
+    b = _batch(data, list(indices))
+    distiller.train()
+    if online is not None:
+        targets = online(b["teacher_image"])
+    else:
+        targets = Targets.from_final(b["final"].float(), b["logits"].float())
+    out = distiller(b["image"], targets, b["label"])
+    return {k: v.item() for k, v in out.items() if k != "logits"}, targets
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+@pytest.mark.parametrize("codec,bound", [("fp32", 1e-5), ("fp16", 1e-3)])
+def test_cached_loss_terms_equal_online_within_store_precision(world, tmp_path, fmt, codec, bound):
+    cache = world["caches"][(fmt, codec)]
+    for epoch in (0, 1):  # both stored views
+        cached, t_cached = _terms(_spec(world, cache, tmp_path / "c"), epoch=epoch)
+        online, t_online = _terms(_spec(world, cache, tmp_path / "o", targets="online"), epoch=epoch)
+        rel = (t_cached.final - t_online.final).norm() / t_online.final.norm()
+        assert rel < bound, f"final targets differ by relative {rel:.2e}"
+        assert set(cached) == set(online)
+        for k in cached:
+            assert cached[k] == pytest.approx(online[k], rel=bound, abs=1e-7), k
+    if codec == "fp32":  # a lossless store is exact, not merely close
+        assert (t_cached.final - t_online.final).abs().max() < 1e-5
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("codec,bound", [("fp32", 1e-4), ("fp16", 1e-2)])
+def test_a_few_steps_from_cache_give_the_online_student(world, tmp_path, codec, bound):
+    """SGD, whose step is proportional to the gradient, so the students' distance measures the
+    targets' difference. (Adam divides by the gradient's own scale: on parameters whose gradient is
+    ~0 it turns 1e-9 of float noise into steps of ±lr, in either mode, so it cannot show this.)"""
+    cache = world["caches"][("zarr", codec)]
+    kw = {"epochs": 1, "recipe": "traditional", "lr": 0.05}
+    a = train(_spec(world, cache, tmp_path / "cached", **kw), progress=False, log=lambda m: None)
+    b = train(_spec(world, cache, tmp_path / "online", targets="online", **kw), progress=False, log=lambda m: None)
+    _, _, distiller, _, _ = build_run(_spec(world, cache, tmp_path / "init", **kw), torch.device("cpu"))
+    start = distiller.student.model.state_dict()
+    wa, wb = _weights(a["student"]), _weights(b["student"])
+    floats = [k for k in wa if wa[k].is_floating_point()]
+    moved = sum((wa[k] - start[k]).norm() ** 2 for k in floats) ** 0.5
+    apart = sum((wa[k] - wb[k]).norm() ** 2 for k in floats) ** 0.5
+    assert moved > 1e-3, "training did not change the student"
+    assert apart / moved < bound, f"students differ by {apart / moved:.2e} of their update after {a['last']['samples']} samples"
+
+
+def test_trainer_holds_no_teacher_early_weights(world):
+    from pipeline.weights import load_teacher
+
+    teacher = CacheReader(world["caches"][("zarr", "fp32")]).manifest["teacher"]
+    late = build_late(teacher)
+    full, _ = load_teacher(TEACHER_NAME, checkpoint=world["ckpt"], late_blocks=1, **TEACHER_KWARGS)
+    early_keys = set(full.model.state_dict()) - set(full.late_keys())
+    kept = set(late.model.state_dict())
+    assert early_keys and not (kept & early_keys)
+    assert kept == set(full.late_keys())
+    assert isinstance(late.model.patch_embed, torch.nn.Identity)
+    assert isinstance(late.model.blocks[0], torch.nn.Identity)
+    # the late weights are the checkpoint's, exactly
+    for k, v in late.model.state_dict().items():
+        assert torch.equal(v, full.model.state_dict()[k]), k
+    n_late = sum(p.numel() for p in late.parameters())
+    assert n_late == full.parameter_counts()["late"] < sum(p.numel() for p in full.model.parameters())
+
+
+def test_late_alone_of_a_swin_teacher_rebuilds_its_constructed_buffers(tmp_path):
+    """Swin's late owns non-persistent buffers (relative position index, attention mask)."""
+    from safetensors.torch import save_file
+
+    from pipeline.weights import load_teacher
+
+    kwargs = {"embed_dim": 24, "depths": (1, 1, 2, 1), "num_heads": (1, 2, 3, 4), "num_classes": 7}
+    torch.manual_seed(3)
+    model = timm.create_model("swin_tiny_patch4_window7_224", **kwargs)
+    path = tmp_path / "swin.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    split, sha = load_teacher("swin_tiny_patch4_window7_224", checkpoint=path, **kwargs)
+    teacher = split.info.to_dict() | {"checkpoint": str(path), "checkpoint_sha256": sha, "kwargs": kwargs}
+    late = build_late(teacher)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        mid = split.early(x)
+        torch.testing.assert_close(late(mid), split.late(mid), rtol=0, atol=0)
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, tmp_path):
+    cache = world["caches"][("zarr", "fp16")]
+    straight = train(_spec(world, cache, tmp_path / "straight", epochs=3), progress=False, log=lambda m: None)
+    # killed in the middle of epoch 2 (after epoch 1's checkpoint), then resumed
+    spec = _spec(world, cache, tmp_path / "killed", epochs=3)
+    steps_per_epoch = len(CacheReader(cache)) // 4
+    stopped = train(spec, progress=False, log=lambda m: None, stop_after_steps=steps_per_epoch + 1)
+    assert stopped["stopped"] and stopped["epoch"] == 1
+    resumed = train(spec, resume=True, progress=False, log=lambda m: None)
+    wa, wb = _weights(straight["student"]), _weights(resumed["student"])
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    lines = [json.loads(l) for l in Path(resumed["metrics"]).read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [0, 1, 2]
+    assert [m["view"] for m in lines] == [0, 1, 0]  # view e mod K, K = 2
+
+
+def test_exported_student_loads_in_plain_timm_with_the_same_logits(world, tmp_path):
+    cache = world["caches"][("webdataset", "fp16")]
+    spec = _spec(world, cache, tmp_path / "run", epochs=1)
+    result = train(spec, progress=False, log=lambda m: None)
+    # num_classes in the overlay too: timm drops a checkpoint's classifier whose class count differs from the cfg's
+    plain = timm.create_model(STUDENT, pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=result["student"], num_classes=10)).eval()
+    _, data, distiller, _, _ = build_run(spec, torch.device("cpu"))
+    distiller.student.model.load_state_dict(_weights(result["student"]))
+    distiller.eval()
+    x = _batch(data, [0, 1, 2])["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), distiller.student(x)[2], rtol=0, atol=0)
+    assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads(Path(result["metrics"]).read_text().splitlines()[-1])
+    assert set(record["train"]) >= {"task", "kd", "proxy_direct", "proxy_dc", "main_direct", "main_dc", "loss"}
+
+
+def test_a_cache_of_another_teacher_is_refused_naming_both_values(world, tmp_path):
+    cache = world["caches"][("zarr", "fp16")]
+    with pytest.raises(CacheMismatchError, match=r"name = 'vit_tiny_patch16_224'.*name = 'swin_large_patch4_window7_224'"):
+        build_run(_spec(world, cache, tmp_path / "r", teacher={"name": "swin_large_patch4_window7_224"}), torch.device("cpu"))
+    with pytest.raises(CacheMismatchError, match=r"checkpoint_sha256 = '[0-9a-f]{64}'.*checkpoint_sha256 = 'abc'"):
+        build_run(_spec(world, cache, tmp_path / "r", teacher={"checkpoint_sha256": "abc"}), torch.device("cpu"))
+    with pytest.raises(CacheMismatchError, match=r"mean = \[0.5, 0.5, 0.5\].*this run asks for mean = \[0.485, 0.456, 0.406\]"):
+        build_run(_spec(world, cache, tmp_path / "r", teacher={"mean": [0.485, 0.456, 0.406]}), torch.device("cpu"))
+    with pytest.raises(CacheMismatchError, match=r"input_size = \[3, 64, 64\].*input_size = \[3, 224, 224\]"):
+        build_run(_spec(world, cache, tmp_path / "r", teacher={"input_size": [3, 224, 224]}), torch.device("cpu"))
+
+
+def test_a_changed_checkpoint_file_is_refused(world, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(world["caches"][("zarr", "fp16")], cache)
+    ckpt = tmp_path / "teacher.safetensors"
+    shutil.copy(world["ckpt"], ckpt)
+    m = json.loads((cache / "manifest.json").read_text())
+    m["teacher"]["checkpoint"] = str(ckpt)
+    (cache / "manifest.json").write_text(json.dumps(m))
+    save_checkpoint(ckpt, seed=1)  # other weights under the same name
+    with pytest.raises(CacheMismatchError, match="sha256"):
+        build_run(_spec(world, cache, tmp_path / "r"), torch.device("cpu"))
+
+
+def test_a_cache_missing_a_role_the_loss_needs_is_refused(world, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(world["caches"][("zarr", "fp16")], cache)
+    m = json.loads((cache / "manifest.json").read_text())
+    del m["roles"]["logits"]
+    (cache / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheMismatchError, match=r"does not store role\(s\) \['logits'\]"):
+        build_run(_spec(world, cache, tmp_path / "r"), torch.device("cpu"))
+
+
+def test_a_corrupt_shard_stops_training_naming_shard_and_sample_and_keeps_the_checkpoint(world, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(world["caches"][("zarr", "fp16")], cache)
+    spec = _spec(world, cache, tmp_path / "run", epochs=2)
+    steps_per_epoch = len(CacheReader(cache)) // 4
+    first = train(spec, progress=False, log=lambda m: None, stop_after_steps=steps_per_epoch + 1)  # killed in epoch 2
+    assert first["epoch"] == 1
+    checkpoint = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    # garble the zarr shard file of `final` in shard-00001
+    final_file = cache / "shard-00001" / "final" / "c" / "0" / "0" / "0" / "0"
+    raw = bytearray(final_file.read_bytes())
+    raw[: len(raw) // 2] = b"\x00" * (len(raw) // 2)
+    final_file.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match=r"shard-00001.*sample '.+'"):
+        train(spec, resume=True, progress=False, log=lambda m: None)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == checkpoint
+    # asked to skip, the run goes on without those samples
+    skipping = TrainSpec(**(spec.to_dict() | {"on_corrupt": "skip"}))
+    result = train(skipping, resume=True, progress=False, log=lambda m: None)
+    last = json.loads(Path(result["metrics"]).read_text().splitlines()[-1])
+    assert last["epoch"] == 1 and 0 < last["samples"] < steps_per_epoch * 4
+
+
+def test_fingerprint_verification_catches_a_changed_image(world, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    cache = tmp_path / "cache"
+    spec = make_spec(data, cache, world["ckpt"], samples_per_shard=5, per_image=2)
+    run(spec)
+    reader = CacheReader(cache)
+    victim = Path(reader[0]["source"])
+    from PIL import Image
+
+    Image.fromarray(255 - np.asarray(Image.open(victim).convert("RGB"))).save(victim)
+    from pipeline.train_data import ReplayError
+
+    _, ds, _, _, _ = build_run(_spec(world, cache, tmp_path / "r", verify_fingerprints=True), torch.device("cpu"))
+    with pytest.raises(ReplayError, match=reader[0]["key"]):
+        ds[0]
+    ds[1]  # untouched images replay to their fingerprints
