@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = ["DatasetError", "BadImage", "SampleRef", "list_dataset", "load_image", "build_demo_dataset",
-           "IMAGE_EXTENSIONS", "DEMO_PHOTOS"]
+           "IMAGE_EXTENSIONS", "DEMO_PHOTOS", "DEMO_LABELS", "CLASS_INDEX"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -148,9 +148,11 @@ def _list_imagefolder(root: Path, split: str | None):
         else:
             skipped.append({"source": str(entry), "reason": f"file outside any class folder (expected {pattern})"})
     classes = [d.name for d in class_dirs]
+    labels = _class_index(root, classes)
 
     by_key: dict[str, tuple[int, str]] = {}
-    for label, class_dir in enumerate(class_dirs):
+    for class_dir in class_dirs:
+        label = labels[class_dir.name]
         for path in sorted(class_dir.iterdir()):
             if escapes(path):
                 continue
@@ -176,6 +178,30 @@ def _list_imagefolder(root: Path, split: str | None):
         raise DatasetError(f"dataset {top} is empty: expected {pattern} files, found {found}")
     samples = [SampleRef(i, key, by_key[key][0], by_key[key][1]) for i, key in enumerate(sorted(by_key))]
     return samples, classes, skipped
+
+
+CLASS_INDEX = "class_index.json"
+
+
+def _class_index(root: Path, classes: list[str]) -> dict[str, int]:
+    """class folder → label. By default the folder's position in sorted order (torchvision's rule);
+    a ``class_index.json`` ({folder: label}) at the dataset root pins labels instead, e.g. to keep
+    ImageNet's indices for a subset of its classes so that they match the teacher's head, or to
+    number every split alike when one split lacks a class."""
+    path = root / CLASS_INDEX
+    if not path.is_file():
+        return {c: i for i, c in enumerate(classes)}
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(index, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in index.values()):
+        raise DatasetError(f"{path} must map class folder names to non-negative integer labels")
+    missing = [c for c in classes if c not in index]
+    if missing:
+        raise DatasetError(f"{path} gives no label for class folder(s) {missing[:5]}")
+    return {c: index[c] for c in classes}
 
 
 # ---------------------------------------------------------------------------------------------- webdataset
@@ -388,7 +414,13 @@ def _demo_photos() -> dict:
 
 DEMO_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                "motorcycle", "china", "flower")
-_DEMO_VERSION = 1
+# The demo's labels are ImageNet indices, so that the task and the teacher's logits speak of the same
+# classes: each is the demo teacher's (ImageNet EfficientNet-Lite0) top-1 class on the WHOLE photo,
+# measured once (224 px bicubic, mean = std = 0.5). E.g. coffee → 967 espresso, chelsea → 285
+# Egyptian cat, motorcycle → 665 moped. The task: name the photo's class from an unseen tile of it.
+DEMO_LABELS = {"astronaut": 450, "coffee": 967, "chelsea": 285, "rocket": 540, "hubble_deep_field": 971,
+               "immunohistochemistry": 109, "retina": 619, "motorcycle": 665, "china": 442, "flower": 985}
+_DEMO_VERSION = 2
 _DEMO_PARTS = {"train": (0.0, 0.64, 24), "val": (0.68, 1.0, 8)}  # (left, right) as fractions of width, tiles
 # Tile sides as fractions of the val part's shorter side, for both parts: train and val tiles then
 # come from the same range of sizes, and the largest still fits in the narrow val part.
@@ -442,6 +474,7 @@ def build_demo_dataset(root: str | Path) -> Path:
                     tile = tile.resize((_DEMO_MAX_SIDE, _DEMO_MAX_SIDE), Image.BICUBIC)
                 tile.save(folder / f"{name}_{i}.png")
             counts[f"{part}/{name}"] = len(boxes)
+    (work / CLASS_INDEX).write_text(json.dumps(DEMO_LABELS, indent=1))
     marker = {"version": _DEMO_VERSION, "photos": list(DEMO_PHOTOS), "tiles": counts}
     (work / ".complete").write_text(json.dumps(marker, indent=1))  # written last: its presence means complete
     stale = root.parent / f".{root.name}.old-{os.getpid()}"

@@ -90,28 +90,21 @@ def teacher_dict(checkpoint) -> dict:
             "kwargs": dict(TEACHER_KWARGS)}
 
 
-def view_config(per_image: int = 3, seed: int = 1, resumable: bool = True, **kw):
-    """The spec's ViewConfig.
-
-    resumable=True passes scale and ratio as LISTS. Works around a library bug (see
-    test_cache_job.py::test_rerun_of_the_same_spec_resumes_BUG_tuple_config): the job compares the
-    config it builds (asdict → tuples) with the manifest's JSON copy (lists), so a spec with the usual
-    tuples is refused as "another configuration" on every re-run. Lists survive the JSON round trip.
-    """
+def view_config(per_image: int = 3, seed: int = 1, **kw):
+    """The spec's ViewConfig (scale and ratio as tuples, as load_cache_spec makes them from YAML lists)."""
     from pipeline.views import ViewConfig
 
-    scale, ratio = kw.pop("scale", (0.25, 1.0)), kw.pop("ratio", (3 / 4, 4 / 3))
-    if resumable:
-        scale, ratio = list(scale), list(ratio)
-    return ViewConfig(per_image=per_image, seed=seed, scale=scale, ratio=ratio, **kw)
+    kw.setdefault("scale", (0.25, 1.0))
+    kw.setdefault("ratio", (3 / 4, 4 / 3))
+    return ViewConfig(per_image=per_image, seed=seed, **kw)
 
 
 def make_spec(data: Path, output: Path, checkpoint, fmt: str = "zarr", roles=None, samples_per_shard: int = 3,
-              batch_size: int = 16, per_image: int = 3, resumable: bool = True, views=None, **kw):
+              batch_size: int = 16, per_image: int = 3, views=None, **kw):
     from pipeline.job_spec import CacheSpec
 
     return CacheSpec(name="t", dataset={"kind": "imagefolder", "root": str(data)}, teacher=teacher_dict(checkpoint),
-                     output=str(output), views=views or view_config(per_image, resumable=resumable), format=fmt,
+                     output=str(output), views=views or view_config(per_image), format=fmt,
                      roles=dict(roles or FP32), samples_per_shard=samples_per_shard, batch_size=batch_size, **kw)
 
 

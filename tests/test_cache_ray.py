@@ -5,7 +5,6 @@ Two Ray runs in this file (a local Ray costs ~10 s to start and its actors anoth
 torch here)."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile

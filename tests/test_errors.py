@@ -108,6 +108,18 @@ def test_wrong_student_input_size_names_expected_and_found(tiny):
     assert "(B, 3, 160, 160)" in msg and "(2, 3, 224, 224)" in msg
 
 
+def test_student_built_for_another_input_size_names_it(make_distiller):
+    from scalekd.student import create_student
+
+    taps = create_student("test_resnet", 10, input_size=(96, 128))
+    assert taps.input_size == (3, 96, 128) and taps.stage3_shape == (192, 6, 8) and taps.stage4_shape == (96, 3, 4)
+    with pytest.raises(ValueError) as e:
+        taps(torch.randn(1, 3, 160, 160))
+    assert "(B, 3, 96, 128)" in str(e.value) and "(1, 3, 160, 160)" in str(e.value)
+    s3, s4, logits = taps(torch.randn(1, 3, 96, 128))
+    assert (s3.shape, s4.shape, logits.shape) == ((1, 192, 6, 8), (1, 96, 3, 4), (1, 10))
+
+
 @pytest.mark.parametrize(
     "role, bad_shape, expected",
     [("final", (2, 49, 192), (2, 16, 192)), ("final", (2, 16, 96), (2, 16, 192)), ("final_dc_removed", (2, 16, 191), (2, 16, 192)),

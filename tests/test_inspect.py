@@ -165,19 +165,17 @@ def test_verify_names_shards_never_committed(caches, tmp_path):
                                   for i in (2, 3)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: CacheReader.read lets numcodecs' RuntimeError('Zstd decompression error') of a corrupt zarr chunk "
-    "escape as is, where every other unreadable view becomes a ManifestError naming the cache, shard, key and "
-    "view (pipeline/reader.py CacheReader.read catches only OSError/KeyError/ValueError)"))
 def test_reader_names_the_shard_of_an_undecodable_view(caches, tmp_path):
+    """numcodecs' RuntimeError on a corrupt zstd frame becomes a ManifestError naming the shard."""
     from pipeline.schema import ManifestError
 
     root = _copy(caches.zarr, tmp_path)
     _flip_byte(root, "zarr", "start")
     reader = CacheReader(root)
     i = next(i for i in range(len(reader)) if reader[i]["shard"] == "shard-00001" and reader[i]["row"] == 0)
-    with pytest.raises(ManifestError, match="shard-00001"):
+    with pytest.raises(ManifestError, match="shard-00001") as e:
         reader.read(i, 0)
+    assert repr(reader[i]["key"]) in str(e.value) and "view 0" in str(e.value)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -353,10 +351,11 @@ def test_cli_exits_1_naming_an_extra_shard(caches, tmp_path, mode):
 
 
 ZARR_FLIP_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: `inspect-shards --verify` on a zarr shard whose chunk no longer decodes crashes with an uncaught "
-    "RuntimeError('Zstd decompression error') instead of reporting the corrupt file: cli.inspect_shards calls describe() before verify(), describe "
-    "reads every sampled view for its DC energy, and CacheReader.read only converts OSError/KeyError/"
-    "ValueError (pipeline/cli.py inspect_shards; pipeline/reader.py CacheReader.read)"))
+    "BUG: `inspect-shards --verify` on a zarr shard whose chunk no longer decodes exits 2 with 'error: "
+    ".../shard-00001: cannot read sample ...' instead of exit 1 with the verify report naming the file: "
+    "cli.inspect_shards runs describe() before verify(), and describe reads every sampled view for its DC "
+    "energy, aborting on the first unreadable one (pipeline/cli.py inspect_shards; before 852f8f6 it even "
+    "crashed with an uncaught RuntimeError). Fix: run verify() first, and let describe skip unreadable views"))
 
 
 @pytest.mark.parametrize("mode", ["text", "json"])

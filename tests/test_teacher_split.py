@@ -155,14 +155,9 @@ def test_vit_late_on_patch_tokens_prepends_the_input_level_prefix(key):
         torch.testing.assert_close(split.late(patches), split.late(full), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "key",
-    [pytest.param(k, marks=pytest.mark.xfail(
-        reason="BUG: TeacherSplit.drop_early replaces patch_embed with nn.Identity, but _ViTAdapter.prefix "
-               "(TPP's proxy path on patch-only tokens) still reads model.patch_embed.grid_size -> AttributeError",
-        strict=True, raises=AttributeError)) for k in VIT_KEYS]
-    + ["swin", "effnet_lite0", "convnext"],
-)
+# Found while writing this suite: drop_early swapped patch_embed for nn.Identity while the ViT proxy
+# path still read model.patch_embed.grid_size (AttributeError); fixed in 852f8f6 (late uses info.mid_hw).
+@pytest.mark.parametrize("key", list(TEACHERS))
 def test_drop_early_late_still_runs_proxy_path_on_patch_tokens(key):
     _, split = _build(key)
     p = split.info.num_prefix_tokens
