@@ -31,7 +31,7 @@ from scalekd.teacher import TeacherInfo, split_teacher, teacher_family
 
 from .datasets import BadImage, SampleRef, list_dataset, load_image
 from .job_spec import CacheSpec, work_dir
-from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, encode, write_json_atomic
+from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, encode, shard_name, write_json_atomic
 from .shards import CacheWriteError, commit_shard, committed_shards, remove_temporaries, shard_record
 from .views import VIEW_FIELDS, fingerprint, render_view, sample_views
 from .weights import export_demo_teacher, file_sha256, load_teacher
@@ -55,7 +55,7 @@ def resolve_checkpoint(teacher: dict) -> str | None:
         return str(export_demo_teacher(work_dir() / "weights" / "tf_efficientnet_lite0.safetensors"))
     if ckpt is not None and not Path(ckpt).is_file():
         raise FileNotFoundError(f"teacher checkpoint {ckpt} does not exist")
-    return ckpt
+    return str(Path(ckpt).resolve()) if ckpt else None  # absolute: the trainer may run elsewhere
 
 
 def teacher_info_for(teacher: dict) -> TeacherInfo:
@@ -109,6 +109,8 @@ class TeacherForward:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if not checkpoint and not teacher.get("pretrained"):
+            torch.manual_seed(teacher.get("seed", 0))  # random weights: the same in every actor and run
         self.split, _ = load_teacher(teacher["name"], checkpoint=checkpoint, pretrained=teacher.get("pretrained", False),
                                      late_blocks=teacher.get("late_blocks", 2), device=self.device,
                                      **teacher.get("kwargs", {}))
@@ -128,8 +130,9 @@ class TeacherForward:
             for r in self.roles:
                 t = out[r].float()
                 if not torch.isfinite(t).all():
-                    raise FloatingPointError(f"teacher {self.split.info.name} produced NaN/Inf in {r!r} for shard "
-                                             f"{row['shard']} (views {i}..{i + len(x) - 1}); refusing to cache it")
+                    raise FloatingPointError(f"teacher {self.split.info.name} produced NaN/Inf in {r!r} for "
+                                             f"{shard_name(int(row['shard']))} (views {i}..{i + len(x) - 1} of the "
+                                             f"shard); refusing to cache it")
                 outs[r].append(t.cpu().numpy())
         n = len(json.loads(row["samples"]))
         for r in self.roles:
@@ -175,7 +178,14 @@ def _config(spec: CacheSpec, sha: str | None, refs: list[SampleRef]) -> dict:
     return json.loads(json.dumps({"format": spec.format, "teacher": spec.teacher["name"], "checkpoint_sha256": sha,
             "late_blocks": spec.teacher.get("late_blocks", 2), "teacher_kwargs": spec.teacher.get("kwargs", {}),
             "views": asdict(spec.views), "roles": dict(spec.roles), "samples_per_shard": spec.samples_per_shard,
-            "compression_level": spec.compression_level, "dataset_listing_sha256": listing}))
+            "compression_level": spec.compression_level, "batch_size": spec.batch_size,
+            "random_init_seed": None if sha or spec.teacher.get("pretrained") else spec.teacher.get("seed", 0),
+            "dataset_listing_sha256": listing}))
+
+
+def _own_leftover(name: str) -> bool:
+    """What a run killed before its first manifest can leave: the zarr root, half-written shards or manifest."""
+    return name == "zarr.json" or name.startswith(".tmp-") or (name.startswith(".") and ".tmp-" in name)
 
 
 def _prepare_output(root: Path, config: dict, overwrite: bool) -> None:
@@ -194,7 +204,7 @@ def _prepare_output(root: Path, config: dict, overwrite: bool) -> None:
                 raise CacheConfigError(f"output {root} holds a cache of another configuration ({detail}); "
                                        f"choose another output or pass --overwrite to replace it")
             shutil.rmtree(root)
-    elif root.is_dir() and any(root.iterdir()):
+    elif root.is_dir() and any(not _own_leftover(p.name) for p in root.iterdir()):
         if not overwrite:
             raise CacheConfigError(f"output {root} is not empty and holds no {MANIFEST}; refusing to write a cache "
                                    f"into it (choose an empty or new folder, or pass --overwrite)")
@@ -239,10 +249,13 @@ def _manifest(spec, info, ckpt, sha, specs, config, refs, classes, listing_skipp
         "config": config,
         "teacher": info.to_dict() | {"checkpoint": ckpt, "checkpoint_sha256": sha,
                                      "pretrained": bool(spec.teacher.get("pretrained", False)),
+                                     "seed": config["random_init_seed"],
                                      "kwargs": spec.teacher.get("kwargs", {})},
         "views": spec.views.to_dict() | {"fields": list(VIEW_FIELDS)},
         "dataset": {"spec": spec.dataset, "listed": len(refs), "classes": classes},
-        "roles": {name: s.to_dict() | {"compressor": f"zstd(level={spec.compression_level})"} for name, s in specs.items()},
+        "roles": {name: s.to_dict() | {"compressor": f"zstd(level={spec.compression_level}, checksum)"
+                                       if spec.format == "zarr" else "none (plain .npy in tar)"}
+                  for name, s in specs.items()},
         "layout": _LAYOUT[spec.format] | _LAYOUT["roles"],
         "samples_per_shard": spec.samples_per_shard,
         "num_samples": sum(len(m["samples"]) for m in records.values()),
@@ -269,7 +282,9 @@ def _init_ray(address: str | None):
         temp.mkdir(parents=True, exist_ok=True)
         ray.init(_temp_dir=str(temp), include_dashboard=False, log_to_driver=False,
                  num_cpus=os.cpu_count(), configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True  # our CacheWriteError, not Ray's wrapper, reaches the caller
     return True
 
 
@@ -291,10 +306,6 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
     config = _config(spec, sha, refs)
     root = Path(spec.output).resolve()
     _prepare_output(root, config, overwrite)
-    if spec.format == "zarr":
-        from .stores.zarr_store import write_root
-
-        write_root(root)
     removed = remove_temporaries(root)
     if removed:
         log(f"removed {len(removed)} half-written shard(s) from an interrupted run: {', '.join(removed[:5])}")
@@ -314,7 +325,11 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
                       "refs": json.dumps([asdict(r) for r in refs[start:end]])})
     if max_shards is not None:
         tasks = tasks[:max_shards]
-    save(complete=not tasks and len(records) == n_shards)
+    save(complete=not tasks and len(records) == n_shards)  # first: from here on the folder is a cache
+    if spec.format == "zarr":
+        from .stores.zarr_store import write_root
+
+        write_root(root)
     if records:
         log(f"resuming: {len(records)} of {n_shards} shards already committed in {root}")
 

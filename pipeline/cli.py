@@ -105,22 +105,28 @@ def inspect_shards(
     from .inspect_cache import describe, plot_spectrum, recompute, verify
     from .schema import ManifestError
 
+    checked = None
     try:
+        # --verify first: a damaged cache must still get its list of problems, even where it
+        # cannot be described
+        checked = verify(path) if verify_ else None
         report = describe(path)
-        if verify_:
-            report["verify"] = verify(path)
+        if checked is not None:
+            report["verify"] = checked
         if recompute_:
             report["recompute"] = recompute(path, recompute_)
         if plot:
             report["plot"] = str(plot_spectrum(path, plot))
-    except (ManifestError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    except (ManifestError, ValueError, FileNotFoundError, OSError) as e:
+        if checked is None:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        report = {"cache": str(path), "error": str(e), "roles": {}, "verify": checked}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
-        _print_report(report)
-    if verify_ and not report["verify"]["ok"]:
+        _print_report(dict(report))
+    if checked is not None and not checked["ok"]:
         raise typer.Exit(1)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .reader import CacheReader
-from .schema import MANIFEST, SHARD_META, SHARD_PREFIX, read_manifest
+from .schema import MANIFEST, SHARD_META, SHARD_PREFIX, ManifestError, read_manifest
 from .shards import verify_shard
 
 __all__ = ["describe", "verify", "recompute", "dct_matrix", "spectrum", "plot_spectrum"]
@@ -45,13 +45,20 @@ def describe(root: str | Path, energy_views: int = 64) -> dict:
         "skipped": len(m["skipped"]), "skipped_reasons": _reasons(m["skipped"]),
     }
     if "final" in reader.specs and len(reader):
-        fractions = []
+        fractions, unreadable = [], 0
         for i, v in _view_indices(reader, energy_views):
-            f = reader.read(i, v, ["final"])["final"].astype(np.float64)
+            try:
+                f = reader.read(i, v, ["final"])["final"].astype(np.float64)
+            except ManifestError:  # a damaged shard: --verify names it; describe what can be read
+                unreadable += 1
+                continue
             fractions.append(f.shape[0] * (f.mean(0) ** 2).sum() / max((f ** 2).sum(), 1e-30))
-        out["final_dc_energy_fraction"] = {"mean": round(float(np.mean(fractions)), 4),
-                                           "min": round(float(np.min(fractions)), 4),
-                                           "max": round(float(np.max(fractions)), 4), "views": len(fractions)}
+        if unreadable:
+            out["unreadable_views"] = unreadable
+        if fractions:
+            out["final_dc_energy_fraction"] = {"mean": round(float(np.mean(fractions)), 4),
+                                               "min": round(float(np.min(fractions)), 4),
+                                               "max": round(float(np.max(fractions)), 4), "views": len(fractions)}
     return out
 
 

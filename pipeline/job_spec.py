@@ -23,7 +23,8 @@ class CacheSpec:
     """Everything a caching run depends on.
 
     dataset:  {kind: demo|imagefolder|webdataset, ...} (see pipeline.datasets.list_dataset)
-    teacher:  {name, checkpoint (a file, or 'builtin:efficientnet-lite0'), pretrained, late_blocks, kwargs}
+    teacher:  {name, checkpoint (a file, or 'builtin:efficientnet-lite0'), pretrained, late_blocks, kwargs,
+               seed: the random weights' seed when there is neither checkpoint nor pretrained (tests, benchmarks)}
     views:    K views per image and their sampling (pipeline.views.ViewConfig)
     output:   the cache folder; format: zarr | webdataset; roles: {role: codec}
     """
@@ -47,9 +48,10 @@ class CacheSpec:
             raise ValueError(f"format must be 'zarr' or 'webdataset', got {self.format!r}")
         if "name" not in self.teacher:
             raise ValueError("teacher.name is required (a timm model name)")
-        unknown = set(self.teacher) - {"name", "checkpoint", "pretrained", "late_blocks", "kwargs"}
+        unknown = set(self.teacher) - {"name", "checkpoint", "pretrained", "late_blocks", "kwargs", "seed"}
         if unknown:
-            raise ValueError(f"unknown teacher keys {sorted(unknown)}; expected name, checkpoint, pretrained, late_blocks, kwargs")
+            raise ValueError(f"unknown teacher keys {sorted(unknown)}; expected name, checkpoint, pretrained, "
+                             f"late_blocks, kwargs, seed")
         for role, codec in self.roles.items():
             if role not in ROLES:
                 raise ValueError(f"roles: unknown role {role!r}; expected some of {list(ROLES)}")

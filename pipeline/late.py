@@ -6,7 +6,9 @@ from. From a safetensors file only late's tensors are read at all; a torch file 
 (weights_only=True) and the early tensors are dropped at once. Teachers whose late part owns
 non-persistent buffers computed at construction (Swin's relative-position index and attention
 masks, EVA's rotary tables) cannot be materialised from the meta device, so those are built on
-the CPU with random weights and cut before any checkpoint value is loaded.
+the CPU with random weights and cut before any checkpoint value is loaded. Hub weights
+(pretrained=True without a file) come whole from timm and are cut after loading. A cache of a
+random-weight teacher (tests, benchmarks) records its seed, and late is rebuilt from it.
 """
 from __future__ import annotations
 
@@ -54,9 +56,7 @@ def build_late(teacher: dict, device: str | torch.device = "cpu") -> TeacherLate
         if teacher.get("checkpoint_sha256") and sha != teacher["checkpoint_sha256"]:
             raise CacheMismatchError(f"teacher checkpoint {ckpt} has sha256 {sha}, but the cache was made from "
                                      f"sha256 {teacher['checkpoint_sha256']}")
-    elif not teacher.get("pretrained"):
-        raise ValueError(f"the cache's teacher {name} has neither a checkpoint file nor pretrained weights; "
-                         f"a student cannot learn from random teacher weights")
+    random_seed = None if ckpt or teacher.get("pretrained") else (teacher.get("seed") or 0)
 
     with torch.device("meta"):
         model = timm.create_model(name, **kwargs)
@@ -66,6 +66,8 @@ def build_late(teacher: dict, device: str | torch.device = "cpu") -> TeacherLate
     late = split.drop_early()
     if _has_constructed_buffers(late.model) or not ckpt:
         # see the module docstring: constructed buffers need a real construction
+        if random_seed is not None:  # a random-weight teacher (tests, benchmarks): the cache's own seed
+            torch.manual_seed(random_seed)
         model = timm.create_model(name, pretrained=bool(teacher.get("pretrained")) and not ckpt, **kwargs)
         split = split_teacher(model, name, late_blocks=late_blocks)
         late = split.drop_early()

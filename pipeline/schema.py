@@ -117,7 +117,11 @@ def decode(spec: RoleSpec, fields: dict[str, np.ndarray]) -> np.ndarray:
         return np.asarray(fields[spec.name], dtype=np.float32)
     n = spec.name
     x = fields[f"{n}_q"].astype(np.float32) * fields[f"{n}_scale"]
-    return x + fields[f"{n}_dc"] if spec.codec == "int8dc" else x
+    if spec.codec == "int8dc":
+        # Rounding errors need not average to zero over the tokens: re-centre, so that the decoded
+        # per-channel mean IS the stored DC and only φ(F) carries the quantisation error.
+        x = x - x.mean(axis=_stat_axis(spec), keepdims=True) + fields[f"{n}_dc"]
+    return x
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -105,7 +105,8 @@ def committed_shards(root: Path) -> dict[int, dict]:
 def remove_temporaries(root: Path) -> list[str]:
     """Delete half-written shards left by a killed run; returns their names."""
     gone = []
-    for path in Path(root).glob(".tmp-*"):
+    root = Path(root)
+    for path in [*root.glob(".tmp-*"), *root.glob(".*.tmp-*")]:  # shards, and a manifest caught mid-write
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         gone.append(path.name)
     return gone

@@ -84,6 +84,9 @@ class CrossAttentionProjector(nn.Module):
 
     def forward(self, student_map: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
         """student_map: (B, Cs, H, W); queries: (B, Nt, Ct) when not trainable. Returns (B, Nt, Ct)."""
+        if student_map.ndim != 4:
+            raise ValueError(f"CAP: expected a student map (B, {self.student_channels}, {self.student_hw[0]}, "
+                             f"{self.student_hw[1]}), found a tensor of shape {tuple(student_map.shape)}")
         b, cs, h, w = student_map.shape
         if (cs, (h, w)) != (self.student_channels, self.student_hw):
             raise ValueError(

@@ -332,6 +332,9 @@ def _adapter_for(model: nn.Module, family: str, late_blocks: int) -> tuple[_Adap
     if family == "swin":
         return _SwinAdapter(), f"layers.{len(model.layers) - 1}"
     if family == "vit":
+        if cls not in ("VisionTransformer", "VisionTransformerDistilled", "Beit", "Eva"):
+            raise ValueError(f"no teacher split for timm class {cls} ({getattr(model, 'default_cfg', {}).get('architecture', '')}); "
+                             f"plain-ViT splits cover VisionTransformer, VisionTransformerDistilled, Beit and Eva")
         kind = {"Beit": "beit", "Eva": "eva"}.get(cls, "vit")
         if not 1 <= late_blocks < len(model.blocks):
             raise ValueError(f"late_blocks must be in [1, {len(model.blocks) - 1}] for {cls}, got {late_blocks}")
@@ -362,8 +365,16 @@ def split_teacher(model: nn.Module, name: str | None = None, late_blocks: int = 
     input_size = tuple(cfg.get("input_size", (3, 224, 224)))
     if hasattr(model, "patch_embed") and getattr(model.patch_embed, "img_size", None):
         input_size = (3, *model.patch_embed.img_size)
-    num_prefix = int(getattr(model, "num_prefix_tokens", 0)) if family == "vit" else 0
     probe = torch.zeros(1, *input_size, device=next(model.parameters()).device)
+    try:
+        return _probe_split(model, name, family, adapter, split_point, cfg, input_size, probe, late_blocks)
+    except (AttributeError, AssertionError, RuntimeError, TypeError) as e:
+        raise ValueError(f"cannot split teacher {name} ({type(model).__name__}) at {split_point}: "
+                         f"{type(e).__name__}: {e}") from e
+
+
+def _probe_split(model, name, family, adapter, split_point, cfg, input_size, probe, late_blocks) -> "TeacherSplit":
+    num_prefix = int(getattr(model, "num_prefix_tokens", 0)) if family == "vit" else 0
     with torch.no_grad():
         mid = adapter.early(model, probe)
         mid_hw = adapter.mid_hw(model, probe)

@@ -60,13 +60,6 @@ def test_supported_cnn_name_on_an_unknown_class_is_refused():
         split_teacher(timm.create_model("resnet18"), "convnext_tiny")
 
 
-@pytest.mark.xfail(
-    reason="BUG: teacher_family accepts every 'vit_*' name, but timm's vit_relpos_* (VisionTransformerRelPos) "
-           "has no adapter: split_teacher dies with AttributeError ('_pos_embed') instead of the documented "
-           "ValueError naming the unsupported model",
-    strict=True,
-    raises=AttributeError,
-)
 def test_vit_named_teacher_without_an_adapter_raises_value_error():
     model = timm.create_model("vit_relpos_small_patch16_224", depth=3)
     with pytest.raises(ValueError, match="VisionTransformerRelPos|vit_relpos"):

@@ -178,11 +178,6 @@ def test_reader_names_the_shard_of_an_undecodable_view(caches, tmp_path):
     assert repr(reader[i]["key"]) in str(e.value) and "view 0" in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (silent corruption): a flipped byte inside a zarr chunk can decode without any error to wrong "
-    "features (here values ~1e37): the zstd frames are written without a content checksum and the reader "
-    "never checks the shard.json sha256s (pipeline/stores/zarr_store.py: ZstdCodec(level=level) -> "
-    "ZstdCodec(level=level, checksum=True))"))
 def test_reader_never_serves_corrupted_features_silently(caches, tmp_path):
     root = _copy(caches.zarr, tmp_path)
     _flip_byte(root, "zarr", "middle")
@@ -262,12 +257,7 @@ def test_plot_spectrum_writes_a_png(caches, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-TEXT_VERIFY_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: `inspect-shards PATH --verify` without --json always ends in an uncaught KeyError('verify') "
-    "(exit 1 with a traceback, even on an intact cache): _print_report pops 'verify' out of the report, then "
-    "inspect_shards reads report['verify']['ok'] (pipeline/cli.py inspect_shards / _print_report; keep the "
-    "verify result in a local variable before printing)"))
-MODES = [pytest.param("text", marks=TEXT_VERIFY_BUG), "json"]
+MODES = ["text", "json"]
 
 
 def _exits(result, code: int) -> None:
@@ -350,16 +340,9 @@ def test_cli_exits_1_naming_an_extra_shard(caches, tmp_path, mode):
     assert "shard-00004: extra shard folder, not in manifest.json" in problems
 
 
-ZARR_FLIP_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: `inspect-shards --verify` on a zarr shard whose chunk no longer decodes exits 2 with 'error: "
-    ".../shard-00001: cannot read sample ...' instead of exit 1 with the verify report naming the file: "
-    "cli.inspect_shards runs describe() before verify(), and describe reads every sampled view for its DC "
-    "energy, aborting on the first unreadable one (pipeline/cli.py inspect_shards; before 852f8f6 it even "
-    "crashed with an uncaught RuntimeError). Fix: run verify() first, and let describe skip unreadable views"))
 
 
 @pytest.mark.parametrize("mode", ["text", "json"])
-@ZARR_FLIP_BUG
 def test_cli_exits_1_naming_an_undecodable_zarr_chunk(caches, tmp_path, mode):
     root = _copy(caches.zarr, tmp_path)
     rel = _flip_byte(root, "zarr", "start")
@@ -368,15 +351,9 @@ def test_cli_exits_1_naming_an_undecodable_zarr_chunk(caches, tmp_path, mode):
     assert f"shard-00001/{rel}: checksum mismatch" in problems
 
 
-MISSING_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: `inspect-shards --verify` on a cache with a deleted shard folder exits 2 with '.../shard.json: cannot "
-    "read shard metadata ...; run inspect-shards --verify' instead of exit 1 and 'shard-00002: missing': "
-    "describe() builds a CacheReader, which reads every shard.json up front (pipeline/cli.py inspect_shards: "
-    "run verify() first / let describe work from the manifest alone)"))
 
 
 @pytest.mark.parametrize("mode", ["text", "json"])
-@MISSING_BUG
 def test_cli_exits_1_naming_a_missing_shard(caches, tmp_path, mode):
     root = _copy(caches.zarr, tmp_path)
     shutil.rmtree(root / "shard-00002")

@@ -2,8 +2,9 @@
 
 Array shape (n, K, *field_shape); chunk (1, 1, *field_shape) = one view of one sample, the unit of
 reading; zarr shard = the whole array, the unit of writing (one file per field per cache shard,
-so a cache of a million views is not a million files). Compression: zstd, no shuffle (byte or bit
-shuffling hurt sparse post-ReLU maps, DESIGN.md).
+so a cache of a million views is not a million files). Compression: zstd with its frame checksum
+(a flipped bit fails the read instead of decoding to wrong values), no shuffle (byte or bit
+shuffling hurt sparse post-ReLU maps, measured in bench/storage.py).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
             if data.shape != full:
                 raise ValueError(f"field {field}: expected {full}, found {data.shape}")
             arr = group.create_array(field, shape=full, chunks=(1, 1, *shape), shards=full, dtype=dtype,
-                                     compressors=ZstdCodec(level=level), fill_value=0)
+                                     compressors=ZstdCodec(level=level, checksum=True), fill_value=0)
             arr[...] = data
 
 
