@@ -69,23 +69,32 @@ class CacheSpec:
         return d
 
 
-def load_cache_spec(path: str | Path | None = None, **overrides) -> CacheSpec:
-    """Read a job YAML (its ``cache`` section, or the whole file) and apply overrides (None = keep)."""
+def _read_section(path, section: str, cls, overrides: dict, required: bool) -> dict:
+    """One section of a job YAML (or the whole file when it has no sections and the section is
+    optional), with overrides (None = keep) applied and unknown keys refused by name."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"job spec {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            doc = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"job spec {path} is not valid YAML: {e}") from None
-        raw = raw.get("cache", raw)
+        if required and section not in doc:
+            raise ValueError(f"job spec {path} has no '{section}:' section")
+        raw = doc.get(section, doc if not required else {}) or {}
     raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
-    known = {f.name for f in fields(CacheSpec)}
+    known = {f.name for f in fields(cls)}
     unknown = set(raw) - known
     if unknown:
-        raise ValueError(f"job spec {path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+        raise ValueError(f"job spec {path}: unknown {section} key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    return raw
+
+
+def load_cache_spec(path: str | Path | None = None, **overrides) -> CacheSpec:
+    """Read a job YAML (its ``cache`` section, or the whole file) and apply overrides (None = keep)."""
+    raw = _read_section(path, "cache", CacheSpec, overrides, required=False)
     views = raw.pop("views", {}) or {}
     if isinstance(views, dict):
         bad = set(views) - {f.name for f in fields(ViewConfig)}
@@ -151,23 +160,7 @@ class TrainSpec:
 
 def load_train_spec(path: str | Path | None = None, **overrides) -> TrainSpec:
     """Read a job YAML's ``distill`` section and apply overrides (None = keep)."""
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"job spec {path} does not exist")
-        try:
-            doc = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"job spec {path} is not valid YAML: {e}") from None
-        if "distill" not in doc:
-            raise ValueError(f"job spec {path} has no 'distill:' section")
-        raw = doc["distill"] or {}
-    raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
-    known = {f.name for f in fields(TrainSpec)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"job spec {path}: unknown distill key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+    raw = _read_section(path, "distill", TrainSpec, overrides, required=True)
     missing = {"name", "cache", "student", "output"} - set(raw)
     if missing:
         raise ValueError(f"job spec {path}: distill section misses key(s) {sorted(missing)}")
