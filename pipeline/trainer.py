@@ -60,6 +60,8 @@ def build_run(spec: TrainSpec, device: torch.device):
     if spec.targets == "online":
         from .weights import load_teacher
 
+        if not teacher.get("checkpoint") and not teacher.get("pretrained"):
+            torch.manual_seed(teacher.get("seed") or 0)  # the cache's random teacher (tests, benchmarks)
         split, _ = load_teacher(teacher["name"], checkpoint=teacher.get("checkpoint"),
                                 pretrained=teacher.get("pretrained", False), late_blocks=teacher.get("late_blocks") or 2,
                                 device=device, **(teacher.get("kwargs") or {}))
@@ -198,12 +200,13 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
             if b is None:
                 continue
             images, labels = b["image"].to(device, non_blocking=pin), b["label"].to(device, non_blocking=pin)
+            # Targets in fp32 outside autocast, as the cache holds them (the teacher ran in fp32).
+            if online is not None:
+                targets = online(b["teacher_image"].to(device, non_blocking=pin))
+            else:
+                targets = Targets.from_final(b["final"].to(device, non_blocking=pin).float(),
+                                             b["logits"].to(device, non_blocking=pin).float())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                if online is not None:
-                    targets = online(b["teacher_image"].to(device, non_blocking=pin))
-                else:
-                    targets = Targets.from_final(b["final"].to(device, non_blocking=pin).float(),
-                                                 b["logits"].to(device, non_blocking=pin).float())
                 terms = distiller(images, targets, labels)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -231,8 +234,11 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
                   "val": val, "lr": opt.param_groups[0]["lr"], "samples": seen, "seconds": round(seconds, 2),
                   "samples_per_s": round(seen / seconds, 2) if seconds else None}
         metrics.append(record)
-        with open(out / METRICS_FILE, "a" if epoch else "w") as f:
-            f.write(json.dumps(record) + "\n")
+        # Rewritten whole from the checkpointed history: a kill between this and the checkpoint
+        # cannot leave the resumed run with a duplicate line.
+        tmp = out / (METRICS_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        os.replace(tmp, out / METRICS_FILE)
         _save_checkpoint(ckpt_path, {"spec": _resume_key(spec), "epoch": epoch, "trainable": trainable.state_dict(),
                                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                      "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)})
