@@ -190,10 +190,9 @@ def spectrum(root: str | Path, views: int = 64) -> np.ndarray:
 
 def plot_spectrum(root: str | Path, path: str | Path, views: int = 64) -> Path:
     """The poster's Figure 2 from the user's own cache: magnitude by frequency, DC first."""
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     spec = spectrum(root, views)
     m = read_manifest(root)

@@ -124,10 +124,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _plot(metrics: list[dict], path: Path) -> Path:
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [m["epoch"] + 1 for m in metrics]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
