@@ -83,6 +83,15 @@ class ScaleKDDistiller(nn.Module):
     def forward(self, images: torch.Tensor, targets: Targets, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check_targets(targets, images.shape[0])
         cfg = self.config
+        if not cfg.features:  # a baseline: the student's logits only
+            logits = self.student(images)[2]
+            zero = logits.new_zeros(())
+            terms = {k: zero for k in LOSS_TERMS[2:]}
+            terms["task"] = cfg.task_weight * task_loss(cfg.task_loss, logits, labels)
+            terms["kd"] = cfg.kd_weight * kd_loss(logits, targets.logits, cfg.temperature) if cfg.kd_weight else zero
+            terms["loss"] = terms["task"] + terms["kd"]
+            terms["logits"] = logits
+            return terms
         paths, logits = self.paths(images)
         terms = {
             "task": cfg.task_weight * task_loss(cfg.task_loss, logits, labels),

@@ -32,6 +32,9 @@ class LossConfig:
     task_weight: float = 0.5
     kd_weight: float = 1.0
     temperature: float = 1.0
+    # False: the baselines of an ablation — no CAP path is run and the four feature terms are 0
+    # (kd_weight = 0 as well gives the student alone).
+    features: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -373,3 +373,26 @@ def test_distiller_applies_task_and_kd_weights_and_temperature(make_distiller):
     for path in ("proxy", "main"):
         assert t1[f"{path}_direct"].item() == pytest.approx(t0[f"{path}_direct"].item() / base.config.alpha, rel=1e-5)
         assert t1[f"{path}_dc"].item() == pytest.approx(0.5 * t0[f"{path}_dc"].item() / base.config.beta, rel=1e-5)
+
+
+def test_baselines_without_features_run_no_cap_and_weigh_only_task_and_kd(make_distiller):
+    import torch
+
+    from scalekd.targets import Targets
+
+    distiller, split = make_distiller()
+    x = torch.randn(2, *distiller.student.input_size)
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        t = split.targets(torch.randn(2, *split.info.input_size))
+    targets = Targets.from_final(t["final"], t["logits"])
+    full = distiller(x, targets, labels)
+    distiller.config.features = False
+    kd_only = distiller(x, targets, labels)
+    assert kd_only["proxy_direct"] == 0 and kd_only["main_dc"] == 0
+    assert kd_only["loss"].item() == pytest.approx(full["task"].item() + full["kd"].item(), rel=1e-6)
+    distiller.config.kd_weight = 0.0
+    alone = distiller(x, targets, labels)
+    assert alone["loss"].item() == pytest.approx(full["task"].item(), rel=1e-6)
+    alone["loss"].backward()
+    assert all(p.grad is None for p in distiller.caps.parameters())
