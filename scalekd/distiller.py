@@ -31,9 +31,10 @@ class ScaleKDDistiller(nn.Module):
     each already weighted) plus 'loss', their sum, and 'logits', the student's.
     """
 
-    def __init__(self, student: StudentTaps, late: TeacherLate, config: LossConfig):
+    def __init__(self, student: StudentTaps, late: TeacherLate, config: LossConfig, batch_late: bool = True):
         super().__init__()
         self.student, self.late, self.config = student, late, config
+        self.batch_late = batch_late
         info = late.info
         c3, *hw3 = student.stage3_shape
         c4, *hw4 = student.stage4_shape
@@ -73,11 +74,19 @@ class ScaleKDDistiller(nn.Module):
     def paths(self, images: torch.Tensor):
         """The student's outputs on the four paths: ({'proxy_direct', ..., 'main_dc'} → (B, N, C), logits)."""
         s3, s4, logits = self.student(images)
+        views = ("direct", "dc")
+        queries = [self.caps[f"s3_{v}"](s3) for v in views]
+        if self.batch_late:
+            # Both proxy views through late in ONE pass of twice the batch: late is frozen and in
+            # eval(), so every sample's output depends on that sample alone — the same numbers,
+            # half the passes.
+            proxies = self.late(torch.cat(queries)).chunk(2)
+        else:
+            proxies = [self.late(q) for q in queries]
         out = {}
-        for view in ("direct", "dc"):
-            proxy = self.late(self.caps[f"s3_{view}"](s3))
-            out[f"proxy_{view}"] = proxy
-            out[f"main_{view}"] = self.caps[f"s4_{view}"](s4, queries=proxy)
+        for v, proxy in zip(views, proxies):
+            out[f"proxy_{v}"] = proxy
+            out[f"main_{v}"] = self.caps[f"s4_{v}"](s4, queries=proxy)
         return out, logits
 
     def forward(self, images: torch.Tensor, targets: Targets, labels: torch.Tensor) -> dict[str, torch.Tensor]:
