@@ -11,7 +11,7 @@ JOB    ?= jobs/demo.yaml
 PYTEST_ARGS ?=
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-slow cache-teacher distill inspect clean
+.PHONY: setup test test-slow cache-teacher distill inspect demo-results clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,26 @@ distill: setup
 # What the demo cache holds, verified, with its spectrum plot.
 inspect: setup
 	$(BIN)/scalekd-pipeline inspect-shards cache/demo --verify --plot cache/demo-spectrum.png
+
+# The demo comparison on held-out tiles: student alone, logit KD only, ScaleKD from the cache (K = 4 and
+# K = 1 views) and online; same student, epochs and seeds; writes bench/demo-results/results.{json,md}.
+# About 13 min on 2 cores. DEMO_ARGS=--quick for a 2-minute smoke (bench/demo-results-quick).
+DEMO_ARGS ?=
+demo-results: setup
+	$(BIN)/python bench/demo_results.py $(DEMO_ARGS)
+
+# The benchmark: training step (online / cached / in memory / plain) at the paper's shapes, caching
+# throughput, storage and memory; writes bench/results.json and bench/results.md. Not a test.
+bench: setup
+	$(BIN)/python bench/step.py
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/storage.py --json bench/storage-demo.json > /dev/null
+	$(BIN)/python bench/memory.py --json bench/memory-swinl.json
+	$(BIN)/python bench/report.py
+
+# A smoke run of the benchmark code (CI-sized; its numbers are not measurements).
+bench-quick: setup
+	$(BIN)/python bench/step.py --quick --json .work/results-step-quick.json
 
 clean:
 	rm -rf .work cache runs

@@ -1,0 +1,50 @@
+"""Merge the bench/*.py results into bench/results.json and a Markdown table bench/results.md."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTS = {"step": "results-step.json", "throughput": "results-throughput.json", "storage": "storage-demo.json",
+         "memory": "memory-swinl.json"}
+
+
+def main() -> int:
+    merged = {k: json.loads((ROOT / "bench" / f).read_text()) for k, f in PARTS.items() if (ROOT / "bench" / f).exists()}
+    (ROOT / "bench/results.json").write_text(json.dumps(merged, indent=1))
+    lines = []
+    if "step" in merged:
+        m = merged["step"]["machine"]
+        lines += [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+                  + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"), "",
+                  "| teacher → student | batch | (a) online s | (b) cached s | (c) memory s | (d) plain s | a/b | "
+                  "a/b by FLOPs | b/c | b/d | loader wait s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in merged["step"]["results"]:
+            s, q = r["seconds_per_step"], r["ratios"]
+            lines.append(f"| {r['teacher']} → {r['student']} | {r['batch']} | {s['online']} | {s['cached']} | "
+                         f"{s['memory']} | {s['plain']} | {q['a/b online/cached']} | {r['a/b_expected_by_flops']} | "
+                         f"{q['b/c cached/memory']} | {q['b/d cached/plain']} | {r['loader_wait_median_s']} |")
+        lines += ["", "| teacher | " + " | ".join(merged["step"]["results"][0]["breakdown_s"]) + " | batched late speed-up | loader samples/s/worker | student samples/s |",
+                  "|---|" + "---|" * (len(merged["step"]["results"][0]["breakdown_s"]) + 3)]
+        for r in merged["step"]["results"]:
+            lines.append(f"| {r['teacher']} | " + " | ".join(str(v) for v in r["breakdown_s"].values())
+                         + f" | {r['batched_late']['speedup']} | {r['loader']['samples_per_s_per_worker']} | "
+                         f"{r['loader']['student_step_samples_per_s']} |")
+    if "throughput" in merged:
+        t = merged["throughput"]
+        lines += ["", f"Caching ({t['teacher']}, batch {t['batch']}): bare forward {t['bare_forward']['samples_per_s']} samples/s",
+                  "", "| engine | samples/s end to end | ratio to bare | steady-state ratio |", "|---|---|---|---|"]
+        for j in t["jobs"]:
+            lines.append(f"| {j['engine']} | {j['samples_per_s']} | {j['end_to_end_over_bare']} | {j.get('steady_over_bare')} |")
+    if "memory" in merged:
+        mm = merged["memory"]
+        lines += ["", f"Peak RSS, {mm['teacher']} → {mm['student']}: cached {mm['peak_rss_mib']['cache']:.0f} MiB, "
+                      f"online {mm['peak_rss_mib']['online']:.0f} MiB"]
+    (ROOT / "bench/results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

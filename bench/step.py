@@ -1,0 +1,255 @@
+"""Training-step benchmark at the paper's shapes (random weights, 224 px), side by side in one run.
+
+    .venv/bin/python bench/step.py [--batch 4] [--repeats 3] [--quick] [--json out.json]
+
+For each teacher (Swin-L; EVA/BEiT-L/14, a plain ViT-L/14) → ResNet-50, one process, one batch:
+  (a) online   ScaleKD step, the whole teacher live
+  (b) cached   ScaleKD step, targets read and decoded from a real cache on disk by the real loader
+  (c) memory   ScaleKD step, targets already in memory (the bound caching can reach)
+  (d) plain    ResNet-50 step, no distillation
+Medians of `repeats` timed steps after one warm-up. Also: where the cached step's time goes
+(student, each CAP, late, loss: each fwd+bwd alone), FLOPs of each (torch's FlopCounterMode),
+and the one-batched-late-pass change measured before/after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.cache_job import run_cache_job  # noqa: E402
+from pipeline.job_spec import CacheSpec, TrainSpec  # noqa: E402
+from pipeline.trainer import build_run  # noqa: E402
+from pipeline.train_data import collate_skipping  # noqa: E402
+from pipeline.views import ViewConfig  # noqa: E402
+from scalekd.targets import Targets  # noqa: E402
+
+TEACHERS = {
+    "swin_large_patch4_window7_224": {"kwargs": {}, "late_blocks": 2},
+    "eva_large_patch14_196": {"kwargs": {"img_size": 224}, "late_blocks": 2},
+}
+
+
+def machine() -> dict:
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "gpu": gpu}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, device) -> list[float]:
+    fn()  # warm-up
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def make_cache(teacher: str, cfg: dict, work: Path, samples: int, device: str) -> Path:
+    """A real cache (fp16, zarr) of a random-weight teacher on `samples` demo photos' tiles."""
+    out = work / f"cache-{teacher}"
+    spec = CacheSpec(name="bench", dataset={"kind": "demo", "root": str(ROOT / ".work/demo-data"), "split": "val"},
+                     teacher={"name": teacher, "seed": 0, "kwargs": cfg["kwargs"], "late_blocks": cfg["late_blocks"]},
+                     output=str(out), views=ViewConfig(per_image=1, seed=0), roles={"final": "fp16", "logits": "fp16"},
+                     samples_per_shard=samples, batch_size=8, device=device)
+    import pipeline.cache_job as cj
+
+    original = cj.list_dataset
+    cj.list_dataset = lambda s: (lambda r: (r[0][:samples], r[1], r[2]))(original(s))
+    try:
+        run_cache_job(spec, engine="local", progress=False, log=lambda m: None)
+    finally:
+        cj.list_dataset = original
+    return out
+
+
+def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int, workers: int, device) -> dict:
+    cache = make_cache(teacher, cfg, work, batch * (repeats + 2), device.type)
+    base = dict(name="bench", cache=str(cache), student="resnet50", output=str(work / "run"), recipe="traditional",
+                batch_size=batch, workers=workers, device=device.type, lr=0.01)
+    res: dict = {"teacher": teacher, "student": "resnet50", "batch": batch}
+
+    # the online run holds the whole teacher; the cached one builds late alone
+    _, data_on, dist_on, online, _ = build_run(TrainSpec(**base, targets="online"), device)
+    _, data, dist, _, _ = build_run(TrainSpec(**base), device)
+    for d in (dist, dist_on):
+        d.train()
+    opt = torch.optim.SGD([p for p in dist.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    opt_on = torch.optim.SGD([p for p in dist_on.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    b_on = collate_skipping([data_on[i] for i in range(batch)])
+    b_mem = collate_skipping([data[i] for i in range(batch)])
+    mem_targets = Targets.from_final(b_mem["final"].float().to(device), b_mem["logits"].float().to(device))
+    x, y = b_mem["image"].to(device), b_mem["label"].to(device)
+    amp = device.type == "cuda"
+
+    def step(distiller, optimizer, targets):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = distiller(x, targets, y)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def online_step():
+        step(dist_on, opt_on, online(b_on["teacher_image"].to(device)))
+
+    loader_state = {"it": None, "wait": []}
+
+    def fresh_loader():
+        loader = DataLoader(data, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_skipping,
+                            pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        loader_state["loader"], loader_state["it"] = loader, iter(loader)
+
+    def cached_step():
+        t = time.perf_counter()
+        try:
+            b = next(loader_state["it"])
+        except StopIteration:
+            loader_state["it"] = iter(loader_state["loader"])
+            b = next(loader_state["it"])
+        loader_state["wait"].append(time.perf_counter() - t)
+        targets = Targets.from_final(b["final"].to(device).float(), b["logits"].to(device).float())
+        step(dist, opt, targets)
+
+    import timm
+
+    plain = timm.create_model("resnet50", num_classes=1000).to(device).train()
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
+
+    def plain_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(plain(x).float(), y)
+        opt_plain.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_plain.step()
+
+    fresh_loader()
+    times = {"online": timed(online_step, repeats, device), "cached": timed(cached_step, repeats, device),
+             "memory": timed(lambda: step(dist, opt, mem_targets), repeats, device),
+             "plain": timed(plain_step, repeats, device)}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res["seconds_per_step"] = {k: round(v, 4) for k, v in med.items()}
+    res["all_seconds"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
+    res["loader_wait_median_s"] = round(statistics.median(loader_state["wait"][1:] or [0.0]), 4)
+    res["ratios"] = {"a/b online/cached": round(med["online"] / med["cached"], 3),
+                     "b/c cached/memory": round(med["cached"] / med["memory"], 3),
+                     "b/d cached/plain": round(med["cached"] / med["plain"], 3)}
+
+    # the loader alone, one process (= one worker): samples/s against the student's step rate
+    t = time.perf_counter()
+    n = 0
+    for i in range(len(data)):
+        data[i]
+        n += 1
+    per_worker = n / (time.perf_counter() - t)
+    res["loader"] = {"samples_per_s_per_worker": round(per_worker, 2),
+                     "student_step_samples_per_s": round(batch / med["memory"], 2),
+                     "workers_needed": round((batch / med["memory"]) / per_worker, 3)}
+
+    # FLOPs: what caching can save is the teacher's forward
+    f_teacher = flops(lambda: online.split.targets(b_on["teacher_image"].to(device)))
+    f_step = flops(lambda: step(dist, opt, mem_targets))
+    expected = (f_step + f_teacher) / f_step
+    res["gflop_per_image"] = {"teacher_forward": round(f_teacher / batch / 1e9, 2),
+                              "cached_step_fwd_bwd": round(f_step / batch / 1e9, 2)}
+    res["a/b_expected_by_flops"] = round(expected, 3)
+    res["a/b_over_expected"] = round(res["ratios"]["a/b online/cached"] / expected, 3)
+
+    # where the cached step's time goes: each part fwd+bwd alone, same shapes
+    res["breakdown_s"] = breakdown(dist, x, mem_targets, repeats, device)
+    # the batched-late change, before/after (same numbers: tests/test_gradients.py)
+    dist.batch_late = False
+    two_pass = statistics.median(timed(lambda: step(dist, opt, mem_targets), repeats, device))
+    dist.batch_late = True
+    res["batched_late"] = {"two_passes_s": round(two_pass, 4), "one_batched_pass_s": round(med["memory"], 4),
+                           "speedup": round(two_pass / med["memory"], 3)}
+    del dist_on, online, opt_on
+    return res
+
+
+def breakdown(dist, x, targets, repeats, device) -> dict:
+    student, caps, late = dist.student, dist.caps, dist.late
+    with torch.no_grad():
+        s3, s4, _ = student(x)
+        q = caps["s3_direct"](s3)
+        proxy = late(q)
+    parts = {}
+
+    def student_part():
+        a, b, c = student(x)
+        (a.float().mean() + b.float().mean() + c.float().mean()).backward()
+
+    parts["student"] = student_part
+    for name in ("s3_direct", "s3_dc"):
+        parts[f"cap_{name}"] = lambda n=name: caps[n](s3.detach()).mean().backward()
+    for name in ("s4_direct", "s4_dc"):
+        parts[f"cap_{name}"] = lambda n=name: caps[n](s4.detach(), queries=proxy.detach().requires_grad_()).mean().backward()
+    parts["late_both_views"] = lambda: late(torch.cat([q, q]).detach().requires_grad_()).mean().backward()
+
+    def loss_part():
+        from scalekd.losses import dual_view_loss
+
+        a = proxy.detach().requires_grad_()
+        sum(dual_view_loss(a, a, targets.final, targets.final_dc_removed, 1.0, 1.0)).backward()
+
+    parts["loss_one_path"] = loss_part
+    return {k: round(statistics.median(timed(fn, repeats, device)), 4) for k, fn in parts.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers for (b); default 0 on CPU (a worker would take one of the cores the step "
+                        "uses, so reading is paid in series and shows in b/c), 4 on GPU")
+    p.add_argument("--teachers", nargs="*", default=list(TEACHERS))
+    p.add_argument("--quick", action="store_true", help="Swin-L only, batch 2, 1 repeat (a smoke run, not a measurement)")
+    p.add_argument("--json", default=str(ROOT / "bench/results-step.json"))
+    a = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = a.batch or (64 if device.type == "cuda" else 4)
+    workers = a.workers if a.workers is not None else (4 if device.type == "cuda" else 0)
+    teachers, repeats = a.teachers, a.repeats
+    if a.quick:
+        teachers, batch, repeats = teachers[:1], 2, 1
+    (ROOT / ".work").mkdir(exist_ok=True)
+    results = {"machine": machine(), "device": device.type, "results": []}
+    with tempfile.TemporaryDirectory(dir=ROOT / ".work") as work:
+        for t in teachers:
+            r = bench_teacher(t, TEACHERS[t], Path(work), batch, repeats, workers, device)
+            results["results"].append(r)
+            print(json.dumps(r, indent=1), flush=True)
+    Path(a.json).write_text(json.dumps(results, indent=1))
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Caching throughput: the cache job's rate against the bare teacher forward on the same views.
+
+    .venv/bin/python bench/throughput.py [--engine local ray] [--json out.json]
+
+The demo job (real EfficientNet-Lite0, 240 photos' tiles × K views, batch 32) is run into a fresh
+folder; the bare forward runs the same teacher on the same views, already rendered and in memory,
+in the same batches (no decoding, compression or writing). Reported: end to end (teacher load and
+Ray start included) and steady state (the spacing of shard commits, read off the shard.json
+modification times, against the bare forward's time for one shard).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.cache_job import TeacherForward, render_views, resolve_checkpoint, run_cache_job  # noqa: E402
+from pipeline.datasets import list_dataset  # noqa: E402
+from pipeline.job_spec import load_cache_spec  # noqa: E402
+from pipeline.views import normalize  # noqa: E402
+
+
+def bare_forward(spec) -> dict:
+    """Seconds per shard of the teacher alone on the shard's views, in the job's batches."""
+    refs, _, _ = list_dataset(spec.dataset)
+    forward = TeacherForward(spec.teacher, resolve_checkpoint(spec.teacher), list(spec.roles), spec.batch_size)
+    info = forward.split.info
+    per_shard = []
+    for start in range(0, len(refs), spec.samples_per_shard):
+        task = {"shard": 0, "start": start, "end": start + spec.samples_per_shard,
+                "refs": json.dumps([asdict(r) for r in refs[start : start + spec.samples_per_shard]])}
+        pixels = render_views(task, spec.views, tuple(info.input_size[1:]), info.interpolation)["pixels"]
+        batches = [normalize(pixels[i : i + spec.batch_size], info.mean, info.std)
+                   for i in range(0, len(pixels), spec.batch_size)]
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for x in batches:
+                forward.split.targets(x)
+        per_shard.append(time.perf_counter() - t)
+    return {"seconds_per_shard": per_shard, "total_s": sum(per_shard), "samples": len(refs)}
+
+
+def job(spec, engine: str, out: Path) -> dict:
+    spec = replace(spec, output=str(out))
+    t = time.perf_counter()
+    summary = run_cache_job(spec, engine=engine, progress=False, log=lambda m: None)
+    total = time.perf_counter() - t
+    commits = sorted(p.stat().st_mtime for p in out.glob("shard-*/shard.json"))
+    gaps = [b - a for a, b in zip(commits, commits[1:])]
+    return {"engine": engine, "total_s": round(total, 2), "samples": summary["samples"],
+            "samples_per_s": round(summary["samples"] / total, 3),
+            "steady_seconds_per_shard": round(statistics.median(gaps), 3) if gaps else None}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--engine", nargs="*", default=["local", "ray"])
+    p.add_argument("--json", default=str(ROOT / "bench/results-throughput.json"))
+    a = p.parse_args(argv)
+    spec = load_cache_spec(ROOT / "jobs/demo.yaml")
+    bare = bare_forward(spec)
+    bare_shard = statistics.median(bare["seconds_per_shard"])
+    result = {"teacher": spec.teacher["name"], "views_per_image": spec.views.per_image, "batch": spec.batch_size,
+              "bare_forward": {"total_s": round(bare["total_s"], 2), "seconds_per_shard": round(bare_shard, 3),
+                               "samples_per_s": round(bare["samples"] / bare["total_s"], 3)}, "jobs": []}
+    (ROOT / ".work").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / ".work") as work:
+        for engine in a.engine:
+            r = job(spec, engine, Path(work) / engine)
+            r["end_to_end_over_bare"] = round(r["samples_per_s"] / result["bare_forward"]["samples_per_s"], 3)
+            if r["steady_seconds_per_shard"]:
+                r["steady_over_bare"] = round(bare_shard / r["steady_seconds_per_shard"], 3)
+            result["jobs"].append(r)
+    text = json.dumps(result, indent=1)
+    Path(a.json).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
