@@ -19,11 +19,12 @@ def main() -> int:
         lines += [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
                   + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"), "",
                   "| teacher → student | batch | (a) online s | (b) cached s | (c) memory s | (d) plain s | a/b | "
-                  "a/b by FLOPs | b/c | b/d | loader wait s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "a/b by FLOPs | a/b by measured teacher time | b/c | b/d | loader wait s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in merged["step"]["results"]:
             s, q = r["seconds_per_step"], r["ratios"]
             lines.append(f"| {r['teacher']} → {r['student']} | {r['batch']} | {s['online']} | {s['cached']} | "
                          f"{s['memory']} | {s['plain']} | {q['a/b online/cached']} | {r['a/b_expected_by_flops']} | "
+                         f"{r['a/b_expected_by_time']} | "
                          f"{q['b/c cached/memory']} | {q['b/d cached/plain']} | {r['loader_wait_median_s']} |")
         lines += ["", "| teacher | " + " | ".join(merged["step"]["results"][0]["breakdown_s"]) + " | batched late speed-up | loader samples/s/worker | student samples/s |",
                   "|---|" + "---|" * (len(merged["step"]["results"][0]["breakdown_s"]) + 3)]

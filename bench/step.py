@@ -56,14 +56,22 @@ def _sync(device):
 
 
 def timed(fn, repeats: int, device) -> list[float]:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
+    return round_robin({"x": fn}, repeats, device)["x"]
+
+
+def round_robin(fns: dict, repeats: int, device) -> dict[str, list[float]]:
+    """One warm-up each, then `repeats` rounds that time every fn once in turn, so that drift of a
+    shared machine (other load, clocks, the allocator's state) falls on all of them alike."""
+    for fn in fns.values():
         fn()
-        _sync(device)
-        out.append(time.perf_counter() - t)
+    out = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            out[k].append(time.perf_counter() - t)
     return out
 
 
@@ -110,9 +118,9 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
     x, y = b_mem["image"].to(device), b_mem["label"].to(device)
     amp = device.type == "cuda"
 
-    def step(distiller, optimizer, targets):
+    def step(distiller, optimizer, targets, images=x, labels=y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = distiller(x, targets, y)["loss"]
+            loss = distiller(images, targets, labels)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -136,7 +144,7 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
             b = next(loader_state["it"])
         loader_state["wait"].append(time.perf_counter() - t)
         targets = Targets.from_final(b["final"].to(device).float(), b["logits"].to(device).float())
-        step(dist, opt, targets)
+        step(dist, opt, targets, b["image"].to(device), b["label"].to(device))
 
     import timm
 
@@ -150,14 +158,21 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
         loss.backward()
         opt_plain.step()
 
+    teacher_images = b_on["teacher_image"].to(device)
+
+    def teacher_forward():
+        online(teacher_images)
+
     fresh_loader()
-    times = {"online": timed(online_step, repeats, device), "cached": timed(cached_step, repeats, device),
-             "memory": timed(lambda: step(dist, opt, mem_targets), repeats, device),
-             "plain": timed(plain_step, repeats, device)}
+    times = round_robin({"online": online_step, "cached": cached_step,
+                         "memory": lambda: step(dist, opt, mem_targets), "plain": plain_step,
+                         "teacher_forward": teacher_forward}, repeats, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     res["seconds_per_step"] = {k: round(v, 4) for k, v in med.items()}
     res["all_seconds"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
     res["loader_wait_median_s"] = round(statistics.median(loader_state["wait"][1:] or [0.0]), 4)
+    # what the measured teacher forward allows: online = cached step + teacher forward
+    res["a/b_expected_by_time"] = round((med["memory"] + med["teacher_forward"]) / med["memory"], 3)
     res["ratios"] = {"a/b online/cached": round(med["online"] / med["cached"], 3),
                      "b/c cached/memory": round(med["cached"] / med["memory"], 3),
                      "b/d cached/plain": round(med["cached"] / med["plain"], 3)}
@@ -185,11 +200,17 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
     # where the cached step's time goes: each part fwd+bwd alone, same shapes
     res["breakdown_s"] = breakdown(dist, x, mem_targets, repeats, device)
     # the batched-late change, before/after (same numbers: tests/test_gradients.py)
-    dist.batch_late = False
-    two_pass = statistics.median(timed(lambda: step(dist, opt, mem_targets), repeats, device))
+    def with_batch_late(flag):
+        def run():
+            dist.batch_late = flag
+            step(dist, opt, mem_targets)
+        return run
+
+    ab = round_robin({"two": with_batch_late(False), "one": with_batch_late(True)}, repeats, device)
     dist.batch_late = True
-    res["batched_late"] = {"two_passes_s": round(two_pass, 4), "one_batched_pass_s": round(med["memory"], 4),
-                           "speedup": round(two_pass / med["memory"], 3)}
+    two_pass, one_pass = statistics.median(ab["two"]), statistics.median(ab["one"])
+    res["batched_late"] = {"two_passes_s": round(two_pass, 4), "one_batched_pass_s": round(one_pass, 4),
+                           "speedup": round(two_pass / one_pass, 3)}
     del dist_on, online, opt_on
     return res
 
@@ -220,13 +241,13 @@ def breakdown(dist, x, targets, repeats, device) -> dict:
         sum(dual_view_loss(a, a, targets.final, targets.final_dc_removed, 1.0, 1.0)).backward()
 
     parts["loss_one_path"] = loss_part
-    return {k: round(statistics.median(timed(fn, repeats, device)), 4) for k, fn in parts.items()}
+    return {k: round(statistics.median(v), 4) for k, v in round_robin(parts, repeats, device).items()}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers for (b); default 0 on CPU (a worker would take one of the cores the step "
                         "uses, so reading is paid in series and shows in b/c), 4 on GPU")
