@@ -193,3 +193,7 @@ def distill(
     typer.echo(f"metrics:    {result['metrics']}")
     typer.echo(f"plot:       {result['plot']}")
     typer.echo(f"checkpoint: {result['checkpoint']}")
+
+
+if __name__ == "__main__":  # python -m pipeline.cli, e.g. under `ray job submit`
+    main()
