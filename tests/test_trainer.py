@@ -255,3 +255,17 @@ def test_fingerprint_verification_catches_a_changed_image(world, tmp_path):
     with pytest.raises(ReplayError, match=reader[0]["key"]):
         ds[0]
     ds[1]  # untouched images replay to their fingerprints
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+@pytest.mark.parametrize("codec", ["fp32", "fp16"])
+def test_cached_dc_removed_view_plus_dc_is_the_final_features_with_zero_spatial_mean(world, fmt, codec):
+    from scalekd.dc import dc_component
+
+    reader = CacheReader(world["caches"][(fmt, codec)])
+    for i in range(len(reader)):
+        for v in range(reader.num_views):
+            stored = reader.read(i, v, ["final", "logits"])
+            t = Targets.from_final(torch.from_numpy(stored["final"])[None], torch.from_numpy(stored["logits"])[None])
+            torch.testing.assert_close(t.final_dc_removed + dc_component(t.final), t.final, rtol=0, atol=1e-6)
+            assert t.final_dc_removed.mean(dim=1).abs().max() < 1e-6  # per channel, over the token grid
