@@ -269,3 +269,23 @@ def test_cached_dc_removed_view_plus_dc_is_the_final_features_with_zero_spatial_
             t = Targets.from_final(torch.from_numpy(stored["final"])[None], torch.from_numpy(stored["logits"])[None])
             torch.testing.assert_close(t.final_dc_removed + dc_component(t.final), t.final, rtol=0, atol=1e-6)
             assert t.final_dc_removed.mean(dim=1).abs().max() < 1e-6  # per channel, over the token grid
+
+
+def test_distill_cli_trains_and_prints_where_the_files_are(world, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"distill": {"name": "cli", "cache": str(world["caches"][("zarr", "fp16")]),
+                                               "student": STUDENT, "student_input_size": 64, "output": str(tmp_path / "run"),
+                                               "recipe": "demo", "epochs": 1, "batch_size": 4, "workers": 0}}))
+    result = CliRunner().invoke(app, ["distill", str(job), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for label, name in (("student:", "student.safetensors"), ("metrics:", "metrics.jsonl"), ("plot:", "curves.png")):
+        line = next(l for l in result.output.splitlines() if l.startswith(label))
+        assert line.split()[-1].endswith(name) and Path(line.split()[-1]).is_file()
+    bad = CliRunner().invoke(app, ["distill", str(job), "--recipe", "nope"])
+    assert bad.exit_code == 2 and "unknown recipe 'nope'" in bad.output
+    assert CliRunner().invoke(app, ["distill", "--help"]).exit_code == 0
