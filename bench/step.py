@@ -211,7 +211,6 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
     two_pass, one_pass = statistics.median(ab["two"]), statistics.median(ab["one"])
     res["batched_late"] = {"two_passes_s": round(two_pass, 4), "one_batched_pass_s": round(one_pass, 4),
                            "speedup": round(two_pass / one_pass, 3)}
-    del dist_on, online, opt_on
     return res
 
 

@@ -17,7 +17,7 @@ from pipeline.job_spec import TrainSpec
 from pipeline.late import CacheMismatchError, build_late
 from pipeline.reader import CacheReader
 from pipeline.schema import ManifestError
-from pipeline.trainer import STUDENT_FILE, build_run, train
+from pipeline.trainer import build_run, train
 from scalekd.targets import Targets
 
 STUDENT = "test_resnet"
