@@ -77,6 +77,11 @@ class SampleRef:
     source: str
     member: str | None = None
 
+    @classmethod
+    def from_sample(cls, sample: dict) -> "SampleRef":
+        """The reference inside a cached sample's record (shard.json), to reload its image for a replay."""
+        return cls(sample["index"], sample["key"], sample["label"], sample["source"], sample.get("member"))
+
 
 def list_dataset(spec: dict) -> tuple[list[SampleRef], list[str], list[dict]]:
     """-> (samples sorted by key with index = position, class names, skipped entries).

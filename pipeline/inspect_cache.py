@@ -149,8 +149,7 @@ def recompute(root: str | Path, n: int = 4, device: str = "cpu") -> dict:
     checked = _view_indices(reader, n)
     for i, v in checked:
         s = reader[i]
-        ref = SampleRef(index=s["index"], key=s["key"], label=s["label"], source=s["source"], member=s.get("member"))
-        pixels = render_view(load_image(ref), ViewParams.from_array(s["views"][v]), size, t["interpolation"])
+        pixels = render_view(load_image(SampleRef.from_sample(s)), ViewParams.from_array(s["views"][v]), size, t["interpolation"])
         if fingerprint(pixels) != s["fingerprints"][v]:
             mismatched.append(f"{s['key']} view {v}")
         with torch.inference_mode():

@@ -62,8 +62,7 @@ class ViewDataset(Dataset):
         s = self.reader[i]
         view = self.view_of(self.epoch)
         try:
-            image = load_image(SampleRef(index=s["index"], key=s["key"], label=s["label"], source=s["source"],
-                                         member=s.get("member")))
+            image = load_image(SampleRef.from_sample(s))
             params = ViewParams.from_array(s["views"][view])
             st = self.student
             item = {"image": normalize(render_view(image, params, st.size, st.interpolation), st.mean, st.std),

@@ -103,7 +103,7 @@ class TeacherEarly(_AlwaysEval):
         _frozen(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter.early(self.model, x)
+        return self.adapter.early_grid(self.model, x)[0]
 
 
 class TeacherLate(_AlwaysEval):
@@ -187,8 +187,8 @@ class TeacherSplit:
 
 
 class _Adapter:
-    def early(self, model, x): ...
-    def mid_hw(self, model, probe) -> tuple[int, int]: ...
+    def early_grid(self, model, x) -> tuple[torch.Tensor, tuple[int, int]]: ...  # mid tokens and their grid
+    def final_hw(self, out, info) -> tuple[int, int]: ...
     def late(self, model, mid, info): ...
     def head(self, model, out): ...
     def final_tokens(self, out, info): ...
@@ -206,11 +206,12 @@ def _tokens_to_nchw(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 class _SwinAdapter(_Adapter):
     """timm SwinTransformer: late = layers[-1] (it begins with the 14→7 patch merging) + norm."""
 
-    def early(self, model, x):
-        return model.layers[:-1](model.patch_embed(x)).flatten(1, 2)
+    def early_grid(self, model, x):
+        x = model.layers[:-1](model.patch_embed(x))  # NHWC
+        return x.flatten(1, 2), tuple(x.shape[1:3])
 
-    def mid_hw(self, model, probe):
-        return tuple(model.layers[:-1](model.patch_embed(probe)).shape[1:3])
+    def final_hw(self, out, info):
+        return tuple(out.shape[1:3])
 
     def late(self, model, mid, info):
         x = mid.unflatten(1, info.mid_hw)
@@ -232,16 +233,14 @@ class _CNNAdapter(_Adapter):
     def __init__(self, stem: list[str], stages: str, tail: list[str], first_late: int):
         self.stem, self.stages, self.tail, self.first_late = stem, stages, tail, first_late
 
-    def _early_map(self, model, x):
+    def early_grid(self, model, x):
         for name in self.stem:
             x = model.get_submodule(name)(x)
-        return model.get_submodule(self.stages)[: self.first_late](x)
+        x = model.get_submodule(self.stages)[: self.first_late](x)
+        return _nchw_to_tokens(x), tuple(x.shape[2:4])
 
-    def early(self, model, x):
-        return _nchw_to_tokens(self._early_map(model, x))
-
-    def mid_hw(self, model, probe):
-        return tuple(self._early_map(model, probe).shape[2:4])
+    def final_hw(self, out, info):
+        return tuple(out.shape[2:4])
 
     def late(self, model, mid, info):
         x = model.get_submodule(self.stages)[self.first_late :](_tokens_to_nchw(mid, info.mid_hw))
@@ -296,12 +295,13 @@ class _ViTAdapter(_Adapter):
         norm_pre = getattr(model, "norm_pre", None)
         return norm_pre(x) if norm_pre is not None else x
 
-    def mid_hw(self, model, probe):
-        return tuple(model.patch_embed.grid_size)
-
-    def early(self, model, x):
+    def early_grid(self, model, x):
+        grid = tuple(model.patch_embed.grid_size)
         x = self._embed(model, model.patch_embed(x))
-        return self._run_blocks(model, x, range(len(model.blocks) - self.k), model.patch_embed.grid_size)
+        return self._run_blocks(model, x, range(len(model.blocks) - self.k), grid), grid
+
+    def final_hw(self, out, info):
+        return info.mid_hw
 
     def prefix(self, model, batch: int, like: torch.Tensor, grid: tuple[int, int]):
         """The teacher's input-level prefix tokens (1→B, P, C), for patch-only (proxy) input.
@@ -376,8 +376,7 @@ def split_teacher(model: nn.Module, name: str | None = None, late_blocks: int = 
 def _probe_split(model, name, family, adapter, split_point, cfg, input_size, probe, late_blocks) -> "TeacherSplit":
     num_prefix = int(getattr(model, "num_prefix_tokens", 0)) if family == "vit" else 0
     with torch.no_grad():
-        mid = adapter.early(model, probe)
-        mid_hw = adapter.mid_hw(model, probe)
+        mid, mid_hw = adapter.early_grid(model, probe)
         partial = TeacherInfo(
             name=name, family=family, split_point=split_point, late_modules=[], input_size=input_size,
             mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
@@ -388,12 +387,7 @@ def _probe_split(model, name, family, adapter, split_point, cfg, input_size, pro
         )
         out = adapter.late(model, mid, partial)
         final = adapter.final_tokens(out, partial)
-    if family == "swin":
-        final_hw = tuple(out.shape[1:3])
-    elif family == "vit":
-        final_hw = mid_hw
-    else:
-        final_hw = tuple(out.shape[2:4])
+    final_hw = adapter.final_hw(out, partial)
     early = set(adapter.early_modules(model, partial))
     keys = model.state_dict().keys()
     late_modules = sorted({_owning_prefix(k, early) for k in keys} - {None})
