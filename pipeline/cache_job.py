@@ -6,7 +6,9 @@
         .map(TeacherForward, compute=ActorPoolStrategy(n))   # the teacher, loaded once per actor
         .map(write_shard)                                    # encode, write under a temporary name, rename
 The driver streams the committed records back and keeps manifest.json current. ``engine="local"``
-runs the very same three functions in this process (tests, debugging, no Ray).
+runs the very same three functions in this process (one machine, no Ray): views are rendered
+ahead in threads and shards written in a writer thread while the teacher runs (measured on an
+H100 with Swin-L: 2.6× the stages in series; bench/results-throughput-cuda.json).
 
 Exactly once: a shard's contents depend only on its range (views are seeded by key, the teacher
 sees the shard's views in a fixed order and batch split), commits are atomic renames, a re-run
@@ -164,6 +166,59 @@ def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, lev
 # --------------------------------------------------------------------------- the driver
 
 
+def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_kw: dict, threads: int | None = None):
+    """The three stages in this process, overlapped: shards are rendered ahead in a thread pool
+    (PIL decodes and resizes without the GIL) and encoded and committed in a writer thread while the
+    teacher runs on the next shard. Shards reach the teacher and the disk in task order, so the cache
+    is the same as in series (threads=0); yields write_shard's rows in order."""
+    if not tasks:
+        return
+    forward = TeacherForward(**teacher_kw)
+    threads = min(4, os.cpu_count() or 1) if threads is None else threads
+    if threads == 0:
+        for t in tasks:
+            yield write_shard(forward(render_views(t, **render_kw)), **write_kw)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    render_pool, writer = ThreadPoolExecutor(threads, "render"), ThreadPoolExecutor(1, "write")
+    failed: list[BaseException] = []
+
+    def write(row):  # in series, in order; after a failed write (disk full) nothing more is written
+        if failed:
+            raise RuntimeError("an earlier shard's write failed") from failed[0]
+        try:
+            return write_shard(row, **write_kw)
+        except BaseException as e:
+            failed.append(e)
+            raise
+
+    rendering, writing, upcoming = deque(), deque(), iter(tasks)
+    try:
+        for t in upcoming:  # render up to 2 shards per thread ahead
+            rendering.append(render_pool.submit(render_views, t, **render_kw))
+            if len(rendering) >= 2 * threads:
+                break
+        while rendering:
+            row = rendering.popleft().result()
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                rendering.append(render_pool.submit(render_views, nxt, **render_kw))
+            row = forward(row)
+            while writing and writing[0].done():
+                yield writing.popleft().result()
+            if len(writing) >= 2:  # bound the encoded shards held in memory
+                yield writing.popleft().result()
+            writing.append(writer.submit(write, row))
+        while writing:
+            yield writing.popleft().result()
+    finally:
+        render_pool.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -294,11 +349,12 @@ def _init_ray(address: str | None):
 
 
 def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray", progress: bool = True,
-                  max_shards: int | None = None, log=print) -> dict:
+                  max_shards: int | None = None, log=print, local_threads: int | None = None) -> dict:
     """Cache the teacher's outputs for every view of every image in ``spec.dataset``; returns the summary.
 
     engine: 'ray' (a local Ray started here, or the cluster at spec.address / $RAY_ADDRESS) or
     'local' (the same stages in this process). max_shards: stop after that many new shards (tests).
+    local_threads: render threads of the local engine (default min(4, cores); 0 = the stages in series).
     """
     if engine not in ("ray", "local"):
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
@@ -351,8 +407,7 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
     started_ray, new_samples = False, 0
     try:
         if engine == "local":
-            forward = TeacherForward(**teacher_kw) if tasks else None
-            results = (write_shard(forward(render_views(t, **render_kw)), **write_kw) for t in tasks)
+            results = local_pipeline(tasks, render_kw, teacher_kw, write_kw, local_threads)
         else:
             import ray
             from ray.data import ActorPoolStrategy
