@@ -84,7 +84,7 @@ def flops(fn) -> int:
 def make_cache(teacher: str, cfg: dict, work: Path, samples: int, device: str) -> Path:
     """A real cache (fp16, zarr) of a random-weight teacher on `samples` demo photos' tiles."""
     out = work / f"cache-{teacher}"
-    spec = CacheSpec(name="bench", dataset={"kind": "demo", "root": str(ROOT / ".work/demo-data"), "split": "val"},
+    spec = CacheSpec(name="bench", dataset={"kind": "demo", "root": str(ROOT / ".work/demo-data"), "split": "train"},
                      teacher={"name": teacher, "seed": 0, "kwargs": cfg["kwargs"], "late_blocks": cfg["late_blocks"]},
                      output=str(out), views=ViewConfig(per_image=1, seed=0), roles={"final": "fp16", "logits": "fp16"},
                      samples_per_shard=samples, batch_size=8, device=device)
@@ -99,8 +99,9 @@ def make_cache(teacher: str, cfg: dict, work: Path, samples: int, device: str) -
     return out
 
 
-def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int, workers: int, device) -> dict:
-    cache = make_cache(teacher, cfg, work, batch * (repeats + 2), device.type)
+def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int, workers: int, device,
+                  bf16: bool | None = None) -> dict:
+    cache = make_cache(teacher, cfg, work, batch * (repeats + 2), device.type)  # at most the 240 demo tiles
     base = dict(name="bench", cache=str(cache), student="resnet50", output=str(work / "run"), recipe="traditional",
                 batch_size=batch, workers=workers, device=device.type, lr=0.01)
     res: dict = {"teacher": teacher, "student": "resnet50", "batch": batch}
@@ -116,9 +117,9 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
     b_mem = collate_skipping([data[i] for i in range(batch)])
     mem_targets = Targets.from_final(b_mem["final"].float().to(device), b_mem["logits"].float().to(device))
     x, y = b_mem["image"].to(device), b_mem["label"].to(device)
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" if bf16 is None else bf16
 
-    def step(distiller, optimizer, targets, images=x, labels=y):
+    def step(distiller, optimizer, targets, images=x, labels=y, amp=amp):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = distiller(images, targets, labels)["loss"]
         optimizer.zero_grad(set_to_none=True)
@@ -132,7 +133,7 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
 
     def fresh_loader():
         loader = DataLoader(data, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_skipping,
-                            pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                            pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
         loader_state["loader"], loader_state["it"] = loader, iter(loader)
 
     def cached_step():
@@ -164,26 +165,59 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
         online(teacher_images)
 
     fresh_loader()
-    times = round_robin({"online": online_step, "cached": cached_step,
-                         "memory": lambda: step(dist, opt, mem_targets), "plain": plain_step,
-                         "teacher_forward": teacher_forward}, repeats, device)
+    fns = {"online": online_step, "cached": cached_step, "memory": lambda: step(dist, opt, mem_targets),
+           "plain": plain_step, "teacher_forward": teacher_forward}
+    if amp:  # our trainer and cache run the teacher in fp32 (cached = online); a bf16 online teacher for comparison
+
+        def online_bf16_step():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                targets = online(b_on["teacher_image"].to(device))
+            step(dist_on, opt_on, Targets.from_final(targets.final.float(), targets.logits.float()))
+
+        fns["online_bf16_teacher"] = online_bf16_step
+    times = round_robin(fns, repeats, device)
     med = {k: statistics.median(v) for k, v in times.items()}
     res["seconds_per_step"] = {k: round(v, 4) for k, v in med.items()}
     res["all_seconds"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
     res["loader_wait_median_s"] = round(statistics.median(loader_state["wait"][1:] or [0.0]), 4)
+    # round robin lets the loader's workers read ahead while the other steps run; back to back they
+    # cannot: the cached step alone, `2 × repeats` in a row (the rate a training run sees), on the
+    # cache repeated so that no epoch restart (workers refilling from empty) falls inside the timing
+    n = 2 * repeats
+    long = torch.utils.data.ConcatDataset([data] * -(-(n + 2 + workers) * batch // len(data)))
+    loader = DataLoader(long, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_skipping,
+                        pin_memory=device.type == "cuda", drop_last=True)
+    loader_state["loader"], loader_state["it"] = loader, iter(loader)
+    cached_step()
+    time.sleep(1.0)  # the workers' first batches: a run's start, not its rate
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(n):
+        cached_step()
+    _sync(device)
+    res["cached_back_to_back_s"] = round((time.perf_counter() - t) / n, 4)
+    res["loader_wait_back_to_back_median_s"] = round(statistics.median(loader_state["wait"][-n:]), 4)
+    res["loader_wait_back_to_back_max_s"] = round(max(loader_state["wait"][-n:]), 4)
+    del loader, loader_state["it"]
     # what the measured teacher forward allows: online = cached step + teacher forward
     res["a/b_expected_by_time"] = round((med["memory"] + med["teacher_forward"]) / med["memory"], 3)
     res["ratios"] = {"a/b online/cached": round(med["online"] / med["cached"], 3),
+                     **({"a/b with a bf16 online teacher": round(med["online_bf16_teacher"] / med["cached"], 3)}
+                        if amp else {}),
                      "b/c cached/memory": round(med["cached"] / med["memory"], 3),
+                     "b/c back to back": round(res["cached_back_to_back_s"] / med["memory"], 3),
                      "b/d cached/plain": round(med["cached"] / med["plain"], 3)}
 
-    # the loader alone, one process (= one worker): samples/s against the student's step rate
+    # the loader alone, one process with one torch thread (= one worker): samples/s against the student's rate
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     t = time.perf_counter()
     n = 0
     for i in range(len(data)):
         data[i]
         n += 1
     per_worker = n / (time.perf_counter() - t)
+    torch.set_num_threads(threads)
     res["loader"] = {"samples_per_s_per_worker": round(per_worker, 2),
                      "student_step_samples_per_s": round(batch / med["memory"], 2),
                      "workers_needed": round((batch / med["memory"]) / per_worker, 3)}
@@ -211,7 +245,29 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
     two_pass, one_pass = statistics.median(ab["two"]), statistics.median(ab["one"])
     res["batched_late"] = {"two_passes_s": round(two_pass, 4), "one_batched_pass_s": round(one_pass, 4),
                            "speedup": round(two_pass / one_pass, 3)}
+    if device.type == "cuda":  # precision and layout of the in-memory step, before/after
+        try:
+            res["cuda_variants_s"] = cuda_variants(dist, opt, step, mem_targets, x, repeats, device)
+        except Exception as e:  # a variant that does not run on this card is a finding, not a crash
+            res["cuda_variants_s"] = {"error": f"{type(e).__name__}: {e}"}
     return res
+
+
+def cuda_variants(dist, opt, step, targets, x, repeats, device) -> dict:
+    """fp32 (TF32 off, torch's default), TF32, bf16 autocast (the bench's default), bf16 + channels-last."""
+    out = {}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    runs = {"fp32": lambda: step(dist, opt, targets, amp=False), "bf16": lambda: step(dist, opt, targets)}
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    out.update(round_robin(runs, repeats, device))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out["tf32"] = timed(lambda: step(dist, opt, targets, amp=False), repeats, device)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    dist.student.to(memory_format=torch.channels_last)
+    dist.caps.to(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    out["bf16_channels_last"] = timed(lambda: step(dist, opt, targets, images=xc), repeats, device)
+    return {k: round(statistics.median(v), 4) for k, v in out.items()}
 
 
 def breakdown(dist, x, targets, repeats, device) -> dict:
@@ -251,6 +307,8 @@ def main(argv=None):
                    help="loader workers for (b); default 0 on CPU (a worker would take one of the cores the step "
                         "uses, so reading is paid in series and shows in b/c), 4 on GPU")
     p.add_argument("--teachers", nargs="*", default=list(TEACHERS))
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the steps (default: on CUDA only)")
     p.add_argument("--quick", action="store_true", help="Swin-L only, batch 2, 1 repeat (a smoke run, not a measurement)")
     p.add_argument("--json", default=str(ROOT / "bench/results-step.json"))
     a = p.parse_args(argv)
@@ -264,10 +322,10 @@ def main(argv=None):
     results = {"machine": machine(), "device": device.type, "results": []}
     with tempfile.TemporaryDirectory(dir=ROOT / ".work") as work:
         for t in teachers:
-            r = bench_teacher(t, TEACHERS[t], Path(work), batch, repeats, workers, device)
+            r = bench_teacher(t, TEACHERS[t], Path(work), batch, repeats, workers, device, a.bf16)
             results["results"].append(r)
             print(json.dumps(r, indent=1), flush=True)
-    Path(a.json).write_text(json.dumps(results, indent=1))
+            Path(a.json).write_text(json.dumps(results, indent=1))  # after each teacher: a cut run keeps some
     print(f"wrote {a.json}")
 
 

@@ -1,12 +1,15 @@
 """Caching throughput: the cache job's rate against the bare teacher forward on the same views.
 
-    .venv/bin/python bench/throughput.py [--engine local ray] [--json out.json]
+    .venv/bin/python bench/throughput.py [--engine local local-serial ray] [--teacher NAME] [--json out.json]
 
 The demo job (real EfficientNet-Lite0, 240 photos' tiles × K views, batch 32) is run into a fresh
 folder; the bare forward runs the same teacher on the same views, already rendered and in memory,
 in the same batches (no decoding, compression or writing). Reported: end to end (teacher load and
 Ray start included) and steady state (the spacing of shard commits, read off the shard.json
 modification times, against the bare forward's time for one shard).
+Engines: local (render threads ahead, a writer thread behind the teacher), local-serial (the three
+stages one after another: the before of that change), ray. --teacher swaps in a random-weight timm
+teacher (e.g. swin_large_patch4_window7_224, for a GPU run where Lite0 is too small to measure).
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ from pipeline.datasets import list_dataset  # noqa: E402
 from pipeline.job_spec import load_cache_spec  # noqa: E402
 from pipeline.views import normalize  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from step import machine  # noqa: E402
+
 
 def bare_forward(spec) -> dict:
     """Seconds per shard of the teacher alone on the shard's views, in the job's batches."""
@@ -45,7 +51,9 @@ def bare_forward(spec) -> dict:
         t = time.perf_counter()
         with torch.inference_mode():
             for x in batches:
-                forward.split.targets(x)
+                forward.split.targets(x.to(forward.device))
+        if forward.device.type == "cuda":
+            torch.cuda.synchronize()
         per_shard.append(time.perf_counter() - t)
     return {"seconds_per_shard": per_shard, "total_s": sum(per_shard), "samples": len(refs)}
 
@@ -53,7 +61,11 @@ def bare_forward(spec) -> dict:
 def job(spec, engine: str, out: Path) -> dict:
     spec = replace(spec, output=str(out))
     t = time.perf_counter()
-    summary = run_cache_job(spec, engine=engine, progress=False, log=lambda m: None)
+    kw = {"engine": engine}
+    if engine.startswith("local"):  # local:N = N render threads; local-serial = the stages in series
+        kw = {"engine": "local", "local_threads": 0 if engine == "local-serial" else
+              (int(engine.split(":")[1]) if ":" in engine else None)}
+    summary = run_cache_job(spec, progress=False, log=lambda m: None, **kw)
     total = time.perf_counter() - t
     commits = sorted(p.stat().st_mtime for p in out.glob("shard-*/shard.json"))
     gaps = [b - a for a, b in zip(commits, commits[1:])]
@@ -64,13 +76,21 @@ def job(spec, engine: str, out: Path) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engine", nargs="*", default=["local", "ray"])
+    p.add_argument("--engine", nargs="*", default=["local", "local-serial", "ray"],
+                   help="local, local:N (N render threads), local-serial, ray")
+    p.add_argument("--teacher", default=None, help="a timm teacher with random weights instead of the demo's Lite0")
+    p.add_argument("--batch", type=int, default=None, help="teacher batch (default: the demo job's 32)")
     p.add_argument("--json", default=str(ROOT / "bench/results-throughput.json"))
     a = p.parse_args(argv)
     spec = load_cache_spec(ROOT / "jobs/demo.yaml")
+    if a.teacher:
+        spec = replace(spec, teacher={"name": a.teacher, "seed": 0, "late_blocks": 2})
+    if a.batch:
+        spec = replace(spec, batch_size=a.batch, samples_per_shard=max(spec.samples_per_shard, a.batch))
     bare = bare_forward(spec)
     bare_shard = statistics.median(bare["seconds_per_shard"])
-    result = {"teacher": spec.teacher["name"], "views_per_image": spec.views.per_image, "batch": spec.batch_size,
+    result = {"machine": machine(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "teacher": spec.teacher["name"], "views_per_image": spec.views.per_image, "batch": spec.batch_size,
               "bare_forward": {"total_s": round(bare["total_s"], 2), "seconds_per_shard": round(bare_shard, 3),
                                "samples_per_s": round(bare["samples"] / bare["total_s"], 3)}, "jobs": []}
     (ROOT / ".work").mkdir(exist_ok=True)
