@@ -59,6 +59,8 @@ bench: setup
 # A smoke run of the benchmark code (CI-sized; its numbers are not measurements).
 bench-quick: setup
 	$(BIN)/python bench/step.py --quick --json .work/results-step-quick.json
+	$(BIN)/python bench/throughput.py --quick --json .work/results-throughput-quick.json
+	$(BIN)/python bench/memory.py --quick --json .work/memory-quick.json
 
 clean:
 	rm -rf .work cache runs

@@ -68,8 +68,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="swin_large_patch4_window7_224")
     p.add_argument("--student", default="resnet50")
+    p.add_argument("--quick", action="store_true", help="Swin-T → ResNet-18 (a smoke run, not a measurement)")
     p.add_argument("--json")
     a = p.parse_args(argv)
+    if a.quick:
+        a.teacher, a.student = "swin_tiny_patch4_window7_224", "resnet18"
+    (ROOT / ".work").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / ".work") as work:
         result = measure(a.teacher, a.student, Path(work))
     text = json.dumps(result, indent=1)

@@ -80,9 +80,14 @@ def main(argv=None):
                    help="local, local:N (N render threads), local-serial, ray")
     p.add_argument("--teacher", default=None, help="a timm teacher with random weights instead of the demo's Lite0")
     p.add_argument("--batch", type=int, default=None, help="teacher batch (default: the demo job's 32)")
+    p.add_argument("--quick", action="store_true", help="the local engine on the 80 held-out tiles, 1 view "
+                   "(a smoke run, not a measurement)")
     p.add_argument("--json", default=str(ROOT / "bench/results-throughput.json"))
     a = p.parse_args(argv)
     spec = load_cache_spec(ROOT / "jobs/demo.yaml")
+    if a.quick:
+        a.engine = ["local"]
+        spec = replace(spec, dataset=spec.dataset | {"split": "val"}, views=replace(spec.views, per_image=1))
     if a.teacher:
         spec = replace(spec, teacher={"name": a.teacher, "seed": 0, "late_blocks": 2})
     if a.batch:
