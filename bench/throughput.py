@@ -62,9 +62,11 @@ def job(spec, engine: str, out: Path) -> dict:
     spec = replace(spec, output=str(out))
     t = time.perf_counter()
     kw = {"engine": engine}
-    if engine.startswith("local"):  # local:N = N render threads; local-serial = the stages in series
-        kw = {"engine": "local", "local_threads": 0 if engine == "local-serial" else
-              (int(engine.split(":")[1]) if ":" in engine else None)}
+    if engine.startswith("local"):  # local:N = N render threads, local:pN = N processes, local-serial = in series
+        kw = {"engine": "local", "local_threads": 0 if engine == "local-serial" else None}
+        if ":" in engine:
+            n = engine.split(":")[1]
+            kw |= {"local_threads": int(n.lstrip("p")), "local_render": "processes" if n[0] == "p" else "threads"}
     summary = run_cache_job(spec, progress=False, log=lambda m: None, **kw)
     total = time.perf_counter() - t
     commits = sorted(p.stat().st_mtime for p in out.glob("shard-*/shard.json"))
@@ -77,7 +79,8 @@ def job(spec, engine: str, out: Path) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", nargs="*", default=["local", "local-serial", "ray"],
-                   help="local, local:N (N render threads), local-serial, ray")
+                   help="local (default render workers), local:N (N render threads), local:pN (N processes), "
+                        "local-serial, ray")
     p.add_argument("--teacher", default=None, help="a timm teacher with random weights instead of the demo's Lite0")
     p.add_argument("--batch", type=int, default=None, help="teacher batch (default: the demo job's 32)")
     p.add_argument("--quick", action="store_true", help="the local engine on the 80 held-out tiles, 1 view "

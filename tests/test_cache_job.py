@@ -692,3 +692,16 @@ def test_overlapped_local_engine_writes_the_same_cache_as_the_stages_in_series(b
                             local_threads=threads)
     assert summary["complete"] is True and summary["new_samples"] == base.zarr.summary["new_samples"]
     assert shard_sums(out) == shard_sums(base.zarr.root)
+
+
+def test_local_engine_rendering_in_processes_writes_the_same_cache(base, tmp_path):
+    from pipeline.cache_job import run_cache_job
+
+    out = tmp_path / "p"
+    summary = run_cache_job(_spec(base, out), engine="local", progress=False, log=lambda m: None,
+                            local_threads=2, local_render="processes")
+    assert summary["complete"] is True
+    assert shard_sums(out) == shard_sums(base.zarr.root)
+    with pytest.raises(ValueError, match=r"^render must be 'threads' or 'processes', got 'fibers'$"):
+        run_cache_job(_spec(base, tmp_path / "f"), engine="local", progress=False, log=lambda m: None,
+                      local_threads=2, local_render="fibers")
