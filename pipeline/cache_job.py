@@ -90,7 +90,8 @@ def render_views(task: dict, views, input_size: tuple[int, int], interpolation: 
         try:
             image = load_image(ref)
         except BadImage as e:
-            skipped.append({"key": ref.key, "source": ref.source, "reason": str(e)})
+            where = {"member": ref.member} if ref.member is not None else {}  # which entry of a tar
+            skipped.append({"key": ref.key, "source": ref.source, **where, "reason": str(e)})
             continue
         params = sample_views(ref.key, image.size, views)
         rendered = [render_view(image, v, input_size, interpolation) for v in params]

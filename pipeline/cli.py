@@ -174,10 +174,12 @@ def distill(
     Ends by printing where the exported student (safetensors, loadable by plain timm), the
     metrics (JSONL) and the plot of the curves are.
     """
+    from .datasets import BadImage
     from .job_spec import load_train_spec
     from .late import CacheMismatchError
     from .schema import ManifestError
-    from .trainer import train
+    from .train_data import ReplayError
+    from .trainer import CheckpointWriteError, train
 
     try:
         spec = load_train_spec(job, targets=targets, cache=str(cache) if cache else None, student=student,
@@ -186,7 +188,8 @@ def distill(
                                verify_fingerprints=verify_fingerprints or None,
                                on_corrupt="skip" if skip_corrupt else None)
         result = train(spec, resume=resume, log=lambda m: typer.echo(m, err=True))
-    except (ValueError, FileNotFoundError, CacheMismatchError, ManifestError) as e:
+    except (ValueError, FileNotFoundError, CacheMismatchError, ManifestError, BadImage, ReplayError,
+            CheckpointWriteError, FloatingPointError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"student:    {result['student']}")

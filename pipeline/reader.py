@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 
-from .schema import SHARD_META, ManifestError, RoleSpec, decode, read_manifest
+from .schema import MANIFEST, SHARD_META, ManifestError, RoleSpec, decode, read_manifest
 from .stores import store_module
 
 __all__ = ["CacheReader"]
@@ -22,6 +22,8 @@ class CacheReader:
     """
 
     def __init__(self, root: str | Path):
+        from .shards import record_mismatch  # here, not at the top: shards imports torch (for sha256 of weights)
+
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.format = self.manifest["format"]
@@ -36,6 +38,12 @@ class CacheReader:
                 meta = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as e:
                 raise ManifestError(f"{path}: cannot read shard metadata ({e}); run inspect-shards --verify") from None
+            # A hand-edited manifest (checksum, counts, range) no longer describes its shard: refuse it
+            # here, for free (shard.json is read anyway), rather than train on what it does not vouch for.
+            mismatch = record_mismatch(meta, record)
+            if mismatch:
+                raise ManifestError(f"{self.root / MANIFEST}: its record of {record['name']} does not match "
+                                    f"{path} ({mismatch}); run inspect-shards --verify")
             self._shard_meta[record["name"]] = meta
             for row, s in enumerate(meta["samples"]):
                 self.samples.append(s | {"shard": record["name"], "row": row})
@@ -66,4 +74,10 @@ class CacheReader:
         except Exception as e:  # noqa: BLE001 — zarr/numcodecs/numpy raise many kinds on corrupt data
             raise ManifestError(f"{self.root / s['shard']}: cannot read sample {s['key']!r} (index {s['index']}), "
                                 f"view {view}: {e}") from e
+        for r in roles:
+            for field, (shape, dtype) in self.specs[r].fields().items():
+                a = fields[field]
+                if tuple(a.shape) != shape or str(a.dtype) != dtype:
+                    raise ManifestError(f"{self.root / s['shard']}: field {field!r} of sample {s['key']!r}, view {view} "
+                                        f"is {a.dtype}{tuple(a.shape)}, but {MANIFEST} declares {dtype}{shape}")
         return {r: decode(self.specs[r], fields) for r in roles}

@@ -22,7 +22,8 @@ from .schema import SHARD_META, SHARD_PREFIX, RoleSpec, shard_name, write_json_a
 from .stores import store_module
 from .weights import file_sha256
 
-__all__ = ["CacheWriteError", "commit_shard", "shard_record", "committed_shards", "remove_temporaries", "verify_shard"]
+__all__ = ["CacheWriteError", "commit_shard", "shard_record", "record_mismatch", "committed_shards", "remove_temporaries",
+           "verify_shard"]
 
 
 class CacheWriteError(RuntimeError):
@@ -52,6 +53,13 @@ def shard_record(meta: dict) -> dict:
         "bytes": sum(f["bytes"] for f in meta["files"].values()),
         "sha256": _digest(meta["files"]),
     }
+
+
+def record_mismatch(meta: dict, record: dict) -> str:
+    """'' when the manifest's record is the one shard.json gives, else the differing entries, named."""
+    mine = shard_record(meta)
+    return "; ".join(f"{k}: manifest has {record.get(k)!r}, shard.json gives {mine.get(k)!r}"
+                     for k in sorted(set(mine) | set(record)) if record.get(k) != mine.get(k))
 
 
 def commit_shard(root: Path, index: int, start: int, end: int, fmt: str, specs: dict[str, RoleSpec],
@@ -132,6 +140,7 @@ def verify_shard(root: Path, record: dict) -> list[str]:
             problems.append(f"{record['name']}/{rel}: checksum mismatch")
     extra = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - set(meta["files"]) - {SHARD_META}
     problems += [f"{record['name']}/{rel}: unexpected file" for rel in sorted(extra)]
-    if shard_record(meta) != record:
-        problems.append(f"{record['name']}: shard.json does not match the manifest's record")
+    mismatch = record_mismatch(meta, record)
+    if mismatch:
+        problems.append(f"{record['name']}: shard.json does not match the manifest's record ({mismatch})")
     return problems

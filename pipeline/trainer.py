@@ -31,7 +31,7 @@ from .reader import CacheReader
 from .recipes import recipe as named_recipe
 from .train_data import ModelInput, ViewDataset, collate_skipping
 
-__all__ = ["train", "export_student", "evaluate", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
+__all__ = ["train", "export_student", "evaluate", "CheckpointWriteError", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
 
 CHECKPOINT, STUDENT_FILE, METRICS_FILE, PLOT_FILE = "checkpoint.pt", "student.safetensors", "metrics.jsonl", "curves.png"
 
@@ -86,7 +86,7 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
         return {}
     from timm.data import create_transform, resolve_data_config
 
-    from .datasets import list_dataset, load_image
+    from .datasets import list_dataset
 
     refs, _, _ = list_dataset(val_spec)
     args = {"input_size": tuple(input_size)} if input_size else {}
@@ -97,13 +97,23 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
     with torch.inference_mode():
         for i in range(0, len(refs), batch_size):
             chunk = refs[i : i + batch_size]
-            x = torch.stack([transform(load_image(r)) for r in chunk]).to(device)
+            x = torch.stack([transform(_val_image(r)) for r in chunk]).to(device)
             y = torch.tensor([r.label for r in chunk], device=device)
             top5 = model(x).topk(5, dim=-1).indices
             correct1 += (top5[:, 0] == y).sum().item()
             correct5 += (top5 == y[:, None]).any(-1).sum().item()
     model.train(was)
     return {"top1": 100.0 * correct1 / len(refs), "top5": 100.0 * correct5 / len(refs), "images": len(refs)}
+
+
+def _val_image(ref):
+    from .datasets import BadImage, load_image
+
+    try:
+        return load_image(ref)
+    except BadImage as e:  # its reason alone would not say which validation image it is
+        where = f"{ref.source}:{ref.member}" if ref.member else ref.source
+        raise BadImage(f"validation image {ref.key!r} ({where}): {e}") from None
 
 
 def export_student(model: nn.Module, path: Path) -> Path:
@@ -117,10 +127,30 @@ def export_student(model: nn.Module, path: Path) -> Path:
     return path
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint whole
+class CheckpointWriteError(RuntimeError):
+    """An epoch's metrics or checkpoint cannot be written (full disk, no permission); the previous ones are whole."""
+
+
+def _save_epoch(out: Path, ckpt_path: Path, metrics: list[dict], state: dict) -> None:
+    """metrics.jsonl, then the checkpoint, each written aside and renamed into place: a kill or a
+    full disk mid-write leaves the previous file whole. The metrics file is rewritten whole from
+    the checkpointed history, so a kill between the two cannot give a resumed run a duplicate line."""
+    tmp = out / (METRICS_FILE + ".tmp")
+    try:
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        os.replace(tmp, out / METRICS_FILE)
+        tmp = ckpt_path.with_name(ckpt_path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, as for the cache's shards
+        os.replace(tmp, ckpt_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # frees what the failed write took
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise CheckpointWriteError(f"cannot write {tmp.name.removesuffix('.tmp')} for epoch {state['epoch'] + 1} in "
+                                   f"{out}: {reason}; {CHECKPOINT} is as it was before this epoch: free space, then run "
+                                   f"again with --resume") from e
 
 
 def _plot(metrics: list[dict], path: Path) -> Path:
@@ -170,7 +200,13 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
     start_epoch, metrics = 0, []
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle with code in it, or not a torch file at all: nothing of it runs
+            from .weights import refusal
+
+            raise ValueError(f"checkpoint {ckpt_path} cannot be loaded safely ({refusal(e)}); it is not this "
+                             f"trainer's checkpoint: remove it or start a new output folder") from None
         if state["spec"] != _resume_key(spec):
             raise ValueError(f"{ckpt_path} belongs to another run configuration; start a new output folder")
         trainable.load_state_dict(state["trainable"])
@@ -233,14 +269,9 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
                   "val": val, "lr": opt.param_groups[0]["lr"], "samples": seen, "seconds": round(seconds, 2),
                   "samples_per_s": round(seen / seconds, 2) if seconds else None}
         metrics.append(record)
-        # Rewritten whole from the checkpointed history: a kill between this and the checkpoint
-        # cannot leave the resumed run with a duplicate line.
-        tmp = out / (METRICS_FILE + ".tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        os.replace(tmp, out / METRICS_FILE)
-        _save_checkpoint(ckpt_path, {"spec": _resume_key(spec), "epoch": epoch, "trainable": trainable.state_dict(),
-                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                     "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)})
+        _save_epoch(out, ckpt_path, metrics, {"spec": _resume_key(spec), "epoch": epoch, "trainable": trainable.state_dict(),
+                                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                              "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)})
         log(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}"
             + (f", val top-1 {val['top1']:.1f}% top-5 {val['top5']:.1f}%" if val else "")
             + f", {record['samples_per_s']} samples/s")

@@ -6,6 +6,7 @@ Local files are read without ever unpickling code: safetensors, or a torch file 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import timm
@@ -13,7 +14,7 @@ import torch
 
 from scalekd.teacher import TeacherSplit, split_teacher, teacher_family
 
-__all__ = ["read_state_dict", "file_sha256", "load_teacher", "efficientnet_lite0_state_dict", "export_demo_teacher"]
+__all__ = ["read_state_dict", "refusal", "file_sha256", "load_teacher", "efficientnet_lite0_state_dict", "export_demo_teacher"]
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -22,6 +23,18 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def refusal(e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, in one line. Torch's own message opens with
+    advice to retry with weights_only=False (which runs the file's code); the cause comes later."""
+    text = str(e)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"weights_only=True refused it: it imports {found.group(1)}; nothing in the file was run"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = next((line for line in reversed(lines) if not line.startswith("Check the documentation")), "")
+    return f"weights_only=True refused it: {type(e).__name__}: {detail[:200]}"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -41,10 +54,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle with code in it, or not a torch file at all
-            raise ValueError(
-                f"teacher checkpoint {path} cannot be loaded safely (weights_only=True refused it: "
-                f"{type(e).__name__}: {str(e).splitlines()[0][:200]}); save it as safetensors or a plain state dict"
-            ) from None
+            raise ValueError(f"teacher checkpoint {path} cannot be loaded safely ({refusal(e)}); save it as "
+                             f"safetensors or a plain state dict") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

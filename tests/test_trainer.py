@@ -3,6 +3,7 @@ export, and clear refusals. Tiny ViT teacher (tests/_cache_helpers.py), timm's t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pipeline.late import CacheMismatchError, build_late
 from pipeline.reader import CacheReader
 from pipeline.schema import ManifestError
 from pipeline.trainer import build_run, train
+from pipeline.weights import file_sha256
 from scalekd.targets import Targets
 
 STUDENT = "test_resnet"
@@ -144,22 +146,166 @@ def test_late_alone_of_a_swin_teacher_rebuilds_its_constructed_buffers(tmp_path)
         torch.testing.assert_close(late(mid), split.late(mid), rtol=0, atol=0)
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_weights(world, tmp_path):
+@pytest.fixture(scope="module")
+def straight(world):
+    """An uninterrupted 3-epoch run from the zarr fp16 cache: what every resumed run must reproduce."""
     cache = world["caches"][("zarr", "fp16")]
-    straight = train(_spec(world, cache, tmp_path / "straight", epochs=3), progress=False, log=lambda m: None)
+    return train(_spec(world, cache, world["root"] / "straight", epochs=3), progress=False, log=lambda m: None)
+
+
+def _same_student(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k  # bit for bit: the same machine and thread count
+
+
+def _epochs(metrics) -> list[int]:
+    return [json.loads(line)["epoch"] for line in Path(metrics).read_text().splitlines()]
+
+
+def _results(metrics) -> list[dict]:
+    """Each epoch's record without its timings."""
+    drop = ("seconds", "samples_per_s")
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in Path(metrics).read_text().splitlines()]
+
+
+def test_resume_after_a_stop_gives_the_uninterrupted_weights(world, tmp_path, straight):
+    cache = world["caches"][("zarr", "fp16")]
     # killed in the middle of epoch 2 (after epoch 1's checkpoint), then resumed
     spec = _spec(world, cache, tmp_path / "killed", epochs=3)
     steps_per_epoch = len(CacheReader(cache)) // 4
     stopped = train(spec, progress=False, log=lambda m: None, stop_after_steps=steps_per_epoch + 1)
     assert stopped["stopped"] and stopped["epoch"] == 1
     resumed = train(spec, resume=True, progress=False, log=lambda m: None)
-    wa, wb = _weights(straight["student"]), _weights(resumed["student"])
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    _same_student(straight["student"], resumed["student"])
     lines = [json.loads(l) for l in Path(resumed["metrics"]).read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [0, 1, 2]
     assert [m["view"] for m in lines] == [0, 1, 0]  # view e mod K, K = 2
+
+
+# --- a trainer really killed (SIGKILL in a subprocess), then resumed
+
+_KILLABLE_TRAINER = r"""
+import io, json, sys, time
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+spec, progress_file, hold_after_step, half_checkpoint = json.loads(sys.argv[1]), sys.argv[2], float(sys.argv[3]), sys.argv[4] == "1"
+progress = open(progress_file, "a")
+
+def after_step(optimizer, args, kwargs):
+    progress.write("step\n"); progress.flush()
+    time.sleep(hold_after_step)  # the kill lands here, between two steps
+register_optimizer_step_post_hook(after_step)
+
+if half_checkpoint:
+    real_save = torch.save
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 1:  # the second epoch's checkpoint: half of it, then wait
+            buf = io.BytesIO()
+            real_save(obj, buf, *a, **k)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+            progress.write("half-checkpoint\n"); progress.flush()
+            time.sleep(600)
+        return real_save(obj, f, *a, **k)
+    torch.save = save
+
+from pipeline.job_spec import TrainSpec
+from pipeline.trainer import train
+train(TrainSpec(**spec), progress=False, log=lambda m: None)
+print("FINISHED", flush=True)
+"""
+
+
+def _kill_trainer_when(spec, progress: Path, until, hold: float, half_checkpoint: bool) -> None:
+    """Train in a subprocess; SIGKILL it as soon as until(lines of progress) holds."""
+    import signal
+    import subprocess
+
+    from _cache_helpers import PYTHON, ROOT, wait_for
+
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([PYTHON, "-c", _KILLABLE_TRAINER, json.dumps(spec.to_dict()), str(progress), str(hold),
+                             "1" if half_checkpoint else "0"], cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = lambda: progress.read_text().splitlines() if progress.exists() else []  # noqa: E731
+        if not wait_for(lambda: until(lines()), proc, timeout=120):
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"the trainer ended before the kill point (rc {proc.returncode}):\n{out}\n{err[-3000:]}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _checkpoint_epoch(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["epoch"]
+
+
+def test_trainer_sigkilled_mid_epoch_resumes_to_the_uninterrupted_weights(world, tmp_path, straight):
+    cache = world["caches"][("zarr", "fp16")]
+    run_dir = tmp_path / "killed"
+    spec = _spec(world, cache, run_dir, epochs=3)
+    steps = len(CacheReader(cache)) // 4
+    _kill_trainer_when(spec, tmp_path / "progress", lambda lines: len(lines) >= steps + 2, hold=0.5,
+                       half_checkpoint=False)
+    # killed two steps into epoch 2: epoch 1 is checkpointed, nothing of epoch 2 is
+    assert _checkpoint_epoch(run_dir) == 0 and _epochs(run_dir / "metrics.jsonl") == [0]
+    logs = []
+    resumed = train(spec, resume=True, progress=False, log=logs.append)
+    assert logs[0] == f"resuming t at epoch 2 of 3 from {run_dir}/checkpoint.pt"
+    _same_student(straight["student"], resumed["student"])
+    assert _results(resumed["metrics"]) == _results(straight["metrics"])
+
+
+def test_trainer_sigkilled_while_writing_its_checkpoint_resumes_from_the_previous_one(world, tmp_path, straight):
+    cache = world["caches"][("zarr", "fp16")]
+    run_dir = tmp_path / "killed"
+    spec = _spec(world, cache, run_dir, epochs=3)
+    _kill_trainer_when(spec, tmp_path / "progress", lambda lines: "half-checkpoint" in lines, hold=0.0,
+                       half_checkpoint=True)
+    # half of epoch 2's checkpoint sits in checkpoint.pt.tmp; checkpoint.pt is still epoch 1's, whole
+    assert (run_dir / "checkpoint.pt.tmp").stat().st_size > 0
+    assert _checkpoint_epoch(run_dir) == 0
+    assert _epochs(run_dir / "metrics.jsonl") == [0, 1]  # written before the checkpoint
+    resumed = train(spec, resume=True, progress=False, log=lambda m: None)
+    _same_student(straight["student"], resumed["student"])
+    assert _epochs(resumed["metrics"]) == [0, 1, 2]  # epoch 2 again, not twice
+    assert _results(resumed["metrics"]) == _results(straight["metrics"])
+    assert not (run_dir / "checkpoint.pt.tmp").exists()
+
+
+def test_a_full_disk_at_the_checkpoint_stops_clearly_and_resumes(world, tmp_path, straight, monkeypatch):
+    import errno
+
+    cache = world["caches"][("zarr", "fp16")]
+    run_dir = tmp_path / "full"
+    spec = _spec(world, cache, run_dir, epochs=3)
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if obj["epoch"] == 1:
+            f.write(b"\0" * 4096)  # some bytes land first
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    from pipeline.trainer import CheckpointWriteError
+
+    with pytest.raises(CheckpointWriteError) as e:
+        train(spec, progress=False, log=lambda m: None)
+    assert str(e.value) == (f"cannot write checkpoint.pt for epoch 2 in {run_dir}: No space left on device; "
+                            f"checkpoint.pt is as it was before this epoch: free space, then run again with --resume")
+    assert _checkpoint_epoch(run_dir) == 0 and not (run_dir / "checkpoint.pt.tmp").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    resumed = train(spec, resume=True, progress=False, log=lambda m: None)
+    _same_student(straight["student"], resumed["student"])
+    assert _epochs(resumed["metrics"]) == [0, 1, 2]
 
 
 def test_exported_student_loads_in_plain_timm_with_the_same_logits(world, tmp_path):
@@ -182,14 +328,16 @@ def test_exported_student_loads_in_plain_timm_with_the_same_logits(world, tmp_pa
 
 def test_a_cache_of_another_teacher_is_refused_naming_both_values(world, tmp_path):
     cache = world["caches"][("zarr", "fp16")]
-    with pytest.raises(CacheMismatchError, match=r"name = 'vit_tiny_patch16_224'.*name = 'swin_large_patch4_window7_224'"):
-        build_run(_spec(world, cache, tmp_path / "r", teacher={"name": "swin_large_patch4_window7_224"}), torch.device("cpu"))
-    with pytest.raises(CacheMismatchError, match=r"checkpoint_sha256 = '[0-9a-f]{64}'.*checkpoint_sha256 = 'abc'"):
-        build_run(_spec(world, cache, tmp_path / "r", teacher={"checkpoint_sha256": "abc"}), torch.device("cpu"))
-    with pytest.raises(CacheMismatchError, match=r"mean = \[0.5, 0.5, 0.5\].*this run asks for mean = \[0.485, 0.456, 0.406\]"):
-        build_run(_spec(world, cache, tmp_path / "r", teacher={"mean": [0.485, 0.456, 0.406]}), torch.device("cpu"))
-    with pytest.raises(CacheMismatchError, match=r"input_size = \[3, 64, 64\].*input_size = \[3, 224, 224\]"):
-        build_run(_spec(world, cache, tmp_path / "r", teacher={"input_size": [3, 224, 224]}), torch.device("cpu"))
+    sha = CacheReader(cache).manifest["teacher"]["checkpoint_sha256"]
+    for wanted, cached in ((("name", "swin_large_patch4_window7_224"), "'vit_tiny_patch16_224'"),
+                           (("checkpoint_sha256", "abc"), repr(sha)),
+                           (("mean", [0.485, 0.456, 0.406]), "[0.5, 0.5, 0.5]"),
+                           (("input_size", [3, 224, 224]), "[3, 64, 64]")):
+        key, value = wanted
+        with pytest.raises(CacheMismatchError) as e:
+            build_run(_spec(world, cache, tmp_path / "r", teacher={key: value}), torch.device("cpu"))
+        assert str(e.value) == (f"cache {cache} was made with teacher {key} = {cached}, but this run asks for "
+                                f"{key} = {value!r}; make a cache for this teacher or drop the setting")
 
 
 def test_a_changed_checkpoint_file_is_refused(world, tmp_path):
@@ -201,8 +349,10 @@ def test_a_changed_checkpoint_file_is_refused(world, tmp_path):
     m["teacher"]["checkpoint"] = str(ckpt)
     (cache / "manifest.json").write_text(json.dumps(m))
     save_checkpoint(ckpt, seed=1)  # other weights under the same name
-    with pytest.raises(CacheMismatchError, match="sha256"):
+    with pytest.raises(CacheMismatchError) as e:
         build_run(_spec(world, cache, tmp_path / "r"), torch.device("cpu"))
+    assert str(e.value) == (f"teacher checkpoint {ckpt} has sha256 {file_sha256(ckpt)}, but the cache was made from "
+                            f"sha256 {m['teacher']['checkpoint_sha256']}")
 
 
 def test_a_cache_missing_a_role_the_loss_needs_is_refused(world, tmp_path):
@@ -211,8 +361,9 @@ def test_a_cache_missing_a_role_the_loss_needs_is_refused(world, tmp_path):
     m = json.loads((cache / "manifest.json").read_text())
     del m["roles"]["logits"]
     (cache / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(CacheMismatchError, match=r"does not store role\(s\) \['logits'\]"):
+    with pytest.raises(CacheMismatchError) as e:
         build_run(_spec(world, cache, tmp_path / "r"), torch.device("cpu"))
+    assert str(e.value) == f"cache {cache} does not store role(s) ['logits'], which the loss needs"
 
 
 def test_a_corrupt_shard_stops_training_naming_shard_and_sample_and_keeps_the_checkpoint(world, tmp_path):
