@@ -532,6 +532,25 @@ def test_output_under_a_regular_file_is_a_cache_write_error(base, tmp_path):
     assert str(out) in str(e.value) and "cannot write to output" in str(e.value)
 
 
+@pytest.mark.parametrize("url", ["s3://bucket/caches/t", "gs://bucket/t", "file:///tmp/t"])
+def test_output_url_is_refused_naming_it(base, url):
+    """Shards are committed by renaming folders: an object store (or fsspec URL) cannot hold a cache."""
+    with pytest.raises(ValueError, match="is a URL") as e:
+        _spec(base, url)
+    assert url in str(e.value) and "every node mounts" in str(e.value)
+
+
+def test_cli_output_url_exits_2_and_writes_nothing(base, tmp_path, monkeypatch):
+    from pipeline.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    job = _yaml_spec(base, tmp_path / "job.yaml", tmp_path / "ignored")
+    result = CliRunner().invoke(app, ["cache-teacher", str(job), "--engine", "local", "-o", "s3://bucket/cache"])
+    assert result.exit_code == 2, result.output
+    assert "'s3://bucket/cache' is a URL" in result.output
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "ignored").exists()  # no local folder "s3:"
+
+
 @pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
 def test_disk_full_on_the_second_shard(base, tmp_path, monkeypatch, fmt):
     out = tmp_path / "full"
