@@ -2,7 +2,8 @@
 
     tasks = pending shards (a shard = a fixed range of the sorted dataset listing)
     ray.data.from_items(tasks)
-        .map(render_views)                                   # CPU tasks: decode, K views, fingerprints
+        .map(render_views)                                   # decode, K views, fingerprints (Ray Data fuses
+                                                             # it into the teacher actors' stage)
         .map(TeacherForward, compute=ActorPoolStrategy(n))   # the teacher, loaded once per actor
         .map(write_shard)                                    # encode, write under a temporary name, rename
 The driver streams the committed records back and keeps manifest.json current. ``engine="local"``
@@ -125,6 +126,7 @@ class TeacherForward:
         self.roles, self.batch_size = roles, batch_size
         info = self.split.info
         self.mean, self.std = info.mean, info.std
+        self.node = _node_id()
 
     @torch.inference_mode()
     def __call__(self, row: dict) -> dict:
@@ -146,11 +148,23 @@ class TeacherForward:
         for r in self.roles:
             arr = np.concatenate(outs[r]) if outs[r] else np.zeros((0,), np.float32)
             row[r] = arr.reshape(n, -1, *arr.shape[1:]) if n else arr
+        row["node"] = self.node  # not stored in the shard: the run's summary counts shards per teacher node
         return row
 
 
+def _node_id() -> str:
+    """The Ray node this process runs on ('local' outside Ray)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    return "local"
+
+
 def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int) -> dict:
-    """Encode a shard's teacher outputs and commit it; returns {'record': JSON of the shard's record}."""
+    """Encode a shard's teacher outputs and commit it; returns {'record': JSON of the shard's record,
+    'node': the node whose teacher computed it}."""
     specs = {k: RoleSpec.from_dict(v) if isinstance(v, dict) else v for k, v in specs.items()}
     samples = json.loads(row["samples"])
     fields: dict[str, np.ndarray] = {}
@@ -161,7 +175,7 @@ def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, lev
         fields.update(encode(spec, data))
     record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
                           samples, json.loads(row["skipped"]), num_views, level)
-    return {"record": json.dumps(record)}
+    return {"record": json.dumps(record), "node": row.get("node", "local")}
 
 
 # --------------------------------------------------------------------------- the driver
@@ -345,13 +359,12 @@ def _manifest(spec, info, ckpt, sha, specs, config, refs, classes, listing_skipp
 def _init_ray(address: str | None):
     import ray
 
-    if ray.is_initialized():
-        return False
+    started = not ray.is_initialized()  # a caller's own ray.init (with its runtime_env) is used as it is
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address:
+    if started and address:
         ray.init(address=address, log_to_driver=False)
-    else:
+    elif started:
         # A local Ray of our own; its temp files stay in the work folder, not in /tmp or $HOME.
         temp = work_dir() / "ray"
         temp.mkdir(parents=True, exist_ok=True)
@@ -360,7 +373,7 @@ def _init_ray(address: str | None):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True  # our CacheWriteError, not Ray's wrapper, reaches the caller
-    return True
+    return started
 
 
 def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray", progress: bool = True,
@@ -421,7 +434,7 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
 
     bar = tqdm(total=n_shards, initial=len(records), unit="shard", desc=f"caching {spec.name}",
                disable=not progress, file=sys.stderr)
-    started_ray, new_samples = False, 0
+    started_ray, new_samples, per_node = False, 0, {}
     try:
         if engine == "local":
             results = local_pipeline(tasks, render_kw, teacher_kw, write_kw, local_threads, local_render)
@@ -431,10 +444,18 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
 
             started_ray = _init_ray(spec.address)
             gpus = 1 if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
-            nodes = max(1, len([n for n in ray.nodes() if n.get("Alive")]))
+            # Nodes that offer CPUs (a head started with --num-cpus=0 runs no work and does not count).
+            nodes = max(1, len([n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]))
             cpus_per_node = int(ray.cluster_resources().get("CPU", 1)) // nodes
             threads = None if gpus else max(1, min(cpus_per_node, cpus_per_node * nodes // spec.actors))
-            ds = (ray.data.from_items(tasks)
+            # Failures: Ray Data (2.60) restarts a dead teacher actor and retries its shard
+            # (max_restarts=-1, max_task_retries=-1) and retries a dead worker's task (max_retries=-1)
+            # by default; a retry recomputes the same bytes and write_shard keeps the first commit. Its
+            # actors are placed with the SPREAD strategy by default: teachers go to different nodes first.
+            # One block per shard: shards go one by one to whichever teacher is free, and a killed actor
+            # redoes one shard (Ray's default, about max(200, 2 × CPUs) blocks, puts tens of shards of an
+            # ImageNet-sized job in one block, for one actor).
+            ds = (ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
                   .map(render_views, fn_kwargs=render_kw)
                   .map(TeacherForward, fn_constructor_kwargs=teacher_kw | {"threads": threads},
                        compute=ActorPoolStrategy(size=spec.actors), num_gpus=gpus)
@@ -443,10 +464,23 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
         for row in results:
             record = json.loads(row["record"])
             index = int(record["name"].split("-")[1])
-            records[index] = json.loads((root / record["name"] / "shard.json").read_text())
+            if index in records:  # the same shard reported twice: count it once
+                continue
+            meta = root / record["name"] / "shard.json"
+            if not meta.is_file():
+                raise CacheWriteError(f"{record['name']} was committed by a Ray worker but {meta} does not exist on "
+                                      f"the driver's node: the output must be on a filesystem every node mounts at "
+                                      f"the same path")
+            records[index] = json.loads(meta.read_text())
             new_samples += record["samples"]
+            per_node[row["node"]] = per_node.get(row["node"], 0) + 1
             save(complete=len(records) == n_shards)
             bar.update(1)
+        # A worker killed while writing leaves its .tmp-shard-*; the retry committed the shard and
+        # every attempt has ended now, so what is left is garbage (inspect --verify would flag it).
+        removed = remove_temporaries(root)
+        if removed:
+            log(f"removed {len(removed)} copy(ies) left by killed shard writers: {', '.join(removed[:5])}")
     except Exception as e:
         save(complete=False)
         cause = _root_cause(e)
@@ -459,7 +493,7 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
             import ray
 
             ray.shutdown()
-    return summarize(root, time.perf_counter() - t0, new_samples)
+    return summarize(root, time.perf_counter() - t0, new_samples) | {"shards_per_teacher_node": per_node}
 
 
 def _root_cause(e: BaseException) -> BaseException:

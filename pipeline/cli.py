@@ -49,7 +49,8 @@ def main() -> None:  # pragma: no cover
 @app.command("cache-teacher")
 def cache_teacher(
     job: Path = typer.Argument(Path("jobs/demo.yaml"), help="job spec (YAML); its `cache:` section is used"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="cache folder (overrides the spec)"),
+    # str, not Path: Path("s3://b/c") would become "s3:/b/c", and the spec's URL check would name the wrong thing
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="cache folder (overrides the spec)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="zarr or webdataset (overrides the spec)"),
     views: Optional[int] = typer.Option(None, "--views", "-k", help="views per image K (overrides the spec)"),
     actors: Optional[int] = typer.Option(None, help="teacher actors (one per GPU where there are GPUs)"),
@@ -69,7 +70,7 @@ def cache_teacher(
     from .shards import CacheWriteError
 
     try:
-        spec = load_cache_spec(job, output=str(output) if output else None, format=fmt, actors=actors,
+        spec = load_cache_spec(job, output=output, format=fmt, actors=actors,
                                batch_size=batch_size, address=address)
         if views is not None:
             from dataclasses import replace

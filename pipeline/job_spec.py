@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -44,6 +45,10 @@ class CacheSpec:
     device: str = "auto"
 
     def __post_init__(self):
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(self.output)):
+            raise ValueError(f"output {self.output!r} is a URL; the cache must be a folder on a filesystem (shards are "
+                             f"committed by renaming a folder). On a Ray cluster use a path every node mounts at "
+                             f"the same place (NFS, Lustre, a FUSE mount of the bucket)")
         if self.format not in ("zarr", "webdataset"):
             raise ValueError(f"format must be 'zarr' or 'webdataset', got {self.format!r}")
         if "name" not in self.teacher:

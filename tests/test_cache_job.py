@@ -73,7 +73,7 @@ def test_job_completes_and_its_summary_counts_what_was_written(base, fmt):
     s = base.by_format[fmt].summary
     assert s["complete"] is True and s["format"] == fmt
     assert s["samples"] == 9 and s["views"] == 27 and s["shards"] == 4 and s["skipped"] == 1
-    assert s["new_samples"] == 9
+    assert s["new_samples"] == 9 and s["shards_per_teacher_node"] == {"local": 4}
     m = manifest(base.by_format[fmt].root)
     assert s["bytes_on_disk"] == sum(x["bytes"] for x in m["shards"]) > 0
 
@@ -621,6 +621,41 @@ def test_output_under_a_regular_file_is_a_cache_write_error(base, tmp_path):
     with pytest.raises(CacheWriteError) as e:
         run(_spec(base, out))
     assert str(out) in str(e.value) and "cannot write to output" in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/caches/t", "gs://bucket/t", "file:///tmp/t"])
+def test_output_url_is_refused_naming_it(base, url):
+    """Shards are committed by renaming folders: an object store (or fsspec URL) cannot hold a cache."""
+    with pytest.raises(ValueError, match="is a URL") as e:
+        _spec(base, url)
+    assert url in str(e.value) and "every node mounts" in str(e.value)
+
+
+def test_cli_output_url_exits_2_and_writes_nothing(base, tmp_path, monkeypatch):
+    from pipeline.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    job = _yaml_spec(base, tmp_path / "job.yaml", tmp_path / "ignored")
+    result = CliRunner().invoke(app, ["cache-teacher", str(job), "--engine", "local", "-o", "s3://bucket/cache"])
+    assert result.exit_code == 2, result.output
+    assert "'s3://bucket/cache' is a URL" in result.output
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "ignored").exists()  # no local folder "s3:"
+
+
+def test_a_shard_committed_where_the_driver_cannot_see_it_is_a_clear_error(base, tmp_path, monkeypatch):
+    """A cluster whose output folder is each node's own disk: the writer commits on its node, the
+    driver does not find the shard; the error says the output must be a shared filesystem."""
+    import pipeline.cache_job as cache_job
+
+    other_node = tmp_path / "other-node"
+    commit = cache_job.commit_shard
+    monkeypatch.setattr(cache_job, "commit_shard", lambda root, *a, **k: commit(other_node, *a, **k))
+    out = tmp_path / "out"
+    with pytest.raises(CacheWriteError, match="every node mounts at the same path") as e:
+        run(_spec(base, out))
+    assert "shard-00000" in str(e.value) and str(out) in str(e.value)
+    m = manifest(out)
+    assert m["complete"] is False and m["shards"] == [] and committed(out) == []
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
