@@ -174,6 +174,9 @@ def distill(
 
     Ends by printing where the exported student (safetensors, loadable by plain timm), the
     metrics (JSONL) and the plot of the curves are.
+
+    On N processes: torchrun --nproc_per_node=N -m pipeline.cli distill JOB.yaml (batch_size
+    stays the global batch, shared equally among the processes).
     """
     from .datasets import BadImage
     from .job_spec import load_train_spec
@@ -193,6 +196,8 @@ def distill(
             CheckpointWriteError, FloatingPointError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if result.get("rank", 0):  # under torchrun rank 0 alone reports
+        return
     typer.echo(f"student:    {result['student']}")
     typer.echo(f"metrics:    {result['metrics']}")
     typer.echo(f"plot:       {result['plot']}")

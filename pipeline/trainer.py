@@ -3,6 +3,9 @@
     spec → cache manifest (checked against the run) → student, CAPs, teacher late ALONE
          → for each epoch: view e mod K of every image → distiller loss → step → eval → checkpoint
          → export the student as safetensors, metrics JSONL and a PNG of the curves
+
+Under torchrun every process runs this loop on its slice of each global batch (pipeline/distributed.py);
+rank 0 alone logs and writes files, the evaluation is shared among the ranks.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ from pathlib import Path
 import timm
 import timm.optim
 import timm.scheduler
+import timm.utils
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler
 
 from scalekd.distiller import LOSS_TERMS, ScaleKDDistiller
@@ -25,6 +30,8 @@ from scalekd.presets import preset
 from scalekd.student import create_student
 from scalekd.targets import OnlineTargets, Targets
 
+from . import distributed
+from .distributed import World
 from .job_spec import TrainSpec
 from .late import CacheMismatchError, build_late, check_teacher_matches
 from .reader import CacheReader
@@ -79,9 +86,13 @@ def build_run(spec: TrainSpec, device: torch.device):
     return reader, data, distiller, online, rec
 
 
-def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, batch_size: int = 64) -> dict:
+def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, batch_size: int = 64,
+             world: World | None = None) -> dict:
     """top-1/top-5 (%) of a timm classifier on a labelled dataset, with timm's own eval transform
-    (resize, centre crop by crop_pct, normalise) at input_size (3, H, W) or the model's default."""
+    (resize, centre crop by crop_pct, normalise) at input_size (3, H, W) or the model's default.
+
+    world: several processes (each holding the same model) share the images and sum their counts;
+    every rank gets the whole dataset's numbers."""
     if not val_spec:
         return {}
     from timm.data import create_transform, resolve_data_config
@@ -89,6 +100,9 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
     from .datasets import list_dataset
 
     refs, _, _ = list_dataset(val_spec)
+    total = len(refs)
+    if world is not None:
+        refs = refs[world.rank :: world.size]
     args = {"input_size": tuple(input_size)} if input_size else {}
     transform = create_transform(**resolve_data_config(args, model=model), is_training=False)
     was = model.training
@@ -103,7 +117,9 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
             correct1 += (top5[:, 0] == y).sum().item()
             correct5 += (top5 == y[:, None]).any(-1).sum().item()
     model.train(was)
-    return {"top1": 100.0 * correct1 / len(refs), "top5": 100.0 * correct5 / len(refs), "images": len(refs)}
+    if world is not None:
+        correct1, correct5 = (int(c) for c in world.sum(torch.tensor([correct1, correct5])))
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "images": total}
 
 
 def _val_image(ref):
@@ -180,8 +196,22 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
 
     stop_after_steps: stop (without a checkpoint of the unfinished epoch) after that many steps of
     this call, as a kill would (tests).
+
+    Under torchrun (or in a process group the caller started) this process is one rank of a
+    DistributedDataParallel run of the same global batch; the result then also names its rank.
     """
-    device = _device(spec.device)
+    world = distributed.start(spec.device)
+    try:
+        return _train(spec, world, resume, progress, log, stop_after_steps)
+    finally:
+        distributed.end(world)
+
+
+def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, log, stop_after_steps: int | None) -> dict:
+    device = world.device if world else _device(spec.device)
+    main = world is None or world.main
+    if not main:  # one voice: rank 0 logs and writes
+        progress, log = False, (lambda m: None)
     out = Path(spec.output)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
@@ -193,28 +223,34 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
     steps = len(data) // batch
     if spec.max_steps_per_epoch:
         steps = min(steps, spec.max_steps_per_epoch)
+    model = distiller
+    if world:
+        if batch < rec["batch_size"] and batch % world.size:
+            raise ValueError(f"cache {spec.cache} holds {len(data)} samples, fewer than batch_size {rec['batch_size']}; "
+                             f"that global batch of {batch} does not divide among {world.size} processes")
+        local = distributed.local_batch_size(batch, world.size)
+        # Every trainable parameter gets a gradient on every step, except the CAPs of a
+        # features-off baseline. The frozen late part (requires_grad False) is not synchronised;
+        # gradients still flow through it to the proxy CAPs.
+        model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=not distiller.config.features)
     sched, _ = timm.scheduler.create_scheduler_v2(
         opt, sched=rec["sched"], num_epochs=rec["epochs"], warmup_epochs=rec.get("warmup_epochs", 0),
         decay_milestones=rec.get("decay_milestones", (90, 180, 270)), decay_rate=rec.get("decay_rate", 0.1),
         step_on_epochs=False, updates_per_epoch=steps)
     start_epoch, metrics = 0, []
     ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        try:
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a pickle with code in it, or not a torch file at all: nothing of it runs
-            from .weights import refusal
-
-            raise ValueError(f"checkpoint {ckpt_path} cannot be loaded safely ({refusal(e)}); it is not this "
-                             f"trainer's checkpoint: remove it or start a new output folder") from None
-        if state["spec"] != _resume_key(spec):
-            raise ValueError(f"{ckpt_path} belongs to another run configuration; start a new output folder")
-        trainable.load_state_dict(state["trainable"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_epoch, metrics = state["epoch"] + 1, json.loads(state["metrics"])
-        log(f"resuming {spec.name} at epoch {start_epoch + 1} of {rec['epochs']} from {ckpt_path}")
+    if resume:
+        # Several ranks: rank 0 reads the checkpoint and every rank gets the same state (or error).
+        read = lambda: _read_checkpoint(ckpt_path, spec)  # noqa: E731
+        state = world.from_main(read) if world else read()
+        if state is not None:
+            trainable.load_state_dict(state["trainable"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            start_epoch, metrics = state["epoch"] + 1, json.loads(state["metrics"])
+            log(f"resuming {spec.name} at epoch {start_epoch + 1} of {rec['epochs']} from {ckpt_path}")
     amp = device.type == "cuda"
     pin = device.type == "cuda"
     from tqdm import tqdm
@@ -223,8 +259,13 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
     for epoch in range(start_epoch, rec["epochs"]):
         data.set_epoch(epoch)  # view e mod K; the shuffle is seeded by epoch, so a resumed run replays it
         sampler = RandomSampler(data, generator=torch.Generator().manual_seed(spec.seed * 100_003 + epoch))
-        loader = DataLoader(data, batch_size=batch, sampler=sampler, num_workers=spec.workers, drop_last=True,
-                            collate_fn=collate_skipping, pin_memory=pin,
+        if world:
+            # this rank's slice of each global batch of the single-process order
+            sampler = distributed.GlobalBatchSlices(sampler, batch, world.rank, world.size)
+            # own random streams per rank (drop-path masks), replayed alike by a resumed run
+            torch.manual_seed(hash((spec.seed, epoch, world.rank)) % 2**63)
+        loader = DataLoader(data, batch_size=local if world else batch, sampler=sampler, num_workers=spec.workers,
+                            drop_last=True, collate_fn=collate_skipping, pin_memory=pin,
                             persistent_workers=False, multiprocessing_context="fork" if spec.workers else None)
         distiller.train()
         sums, seen, t0 = {k: 0.0 for k in (*LOSS_TERMS, "loss")}, 0, time.perf_counter()
@@ -232,6 +273,13 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
         for step, b in enumerate(loader):
             if step >= steps:
                 break
+            if world:
+                # A skipping loader may leave a rank a short batch, or none: weigh each rank's mean
+                # by its share, and skip together a step on which a rank has nothing to learn from.
+                counts = world.counts(0 if b is None else b["image"].shape[0])
+                if min(counts) == 0:
+                    continue
+                share = counts[world.rank] * world.size / sum(counts)
             if b is None:
                 continue
             images, labels = b["image"].to(device, non_blocking=pin), b["label"].to(device, non_blocking=pin)
@@ -242,14 +290,18 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
                 targets = Targets.from_final(b["final"].to(device, non_blocking=pin).float(),
                                              b["logits"].to(device, non_blocking=pin).float())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                terms = distiller(images, targets, labels)
+                terms = model(images, targets, labels)
             opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
+            (terms["loss"] * share if world and share != 1.0 else terms["loss"]).backward()
             if rec.get("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(trainable.parameters(), rec["grad_clip"])
             opt.step()
             sched.step_update(epoch * steps + step + 1)
             n = images.shape[0]
+            if world:  # the global batch's terms, on every rank: the same log, the same stop on a NaN
+                totals = world.sum(torch.tensor([terms[k].item() * n for k in sums] + [n], dtype=torch.float64))
+                n = int(totals[-1])
+                terms = {k: totals[i] / n for i, k in enumerate(sums)}
             seen += n
             for k in sums:
                 sums[k] += terms[k].item() * n
@@ -261,24 +313,52 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
             done_steps += 1
             if stop_after_steps is not None and done_steps >= stop_after_steps:
                 bar.close()
-                return {"stopped": True, "epoch": epoch, "step": step + 1}
+                return {"stopped": True, "epoch": epoch, "step": step + 1} | _rank_of(world)
         bar.close()
         seconds = time.perf_counter() - t0
-        val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size)
+        if world:  # BatchNorm statistics differ per rank (each saw its own samples): their mean, as timm's train.py
+            timm.utils.distribute_bn(trainable, world.size, reduce=True)
+        val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size, world=world)
         record = {"epoch": epoch, "view": data.view_of(epoch), "train": {k: v / max(seen, 1) for k, v in sums.items()},
                   "val": val, "lr": opt.param_groups[0]["lr"], "samples": seen, "seconds": round(seconds, 2),
                   "samples_per_s": round(seen / seconds, 2) if seconds else None}
         metrics.append(record)
-        _save_epoch(out, ckpt_path, metrics, {"spec": _resume_key(spec), "epoch": epoch, "trainable": trainable.state_dict(),
-                                              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                              "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)})
+        if main:  # rank 0 alone writes
+            _save_epoch(out, ckpt_path, metrics, {"spec": _resume_key(spec), "epoch": epoch, "trainable": trainable.state_dict(),
+                                                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                  "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)})
         log(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}"
             + (f", val top-1 {val['top1']:.1f}% top-5 {val['top5']:.1f}%" if val else "")
             + f", {record['samples_per_s']} samples/s")
-    student_file = export_student(distiller.student.model, out / STUDENT_FILE)
-    plot = _plot(metrics, out / PLOT_FILE) if metrics else None
+    student_file = out / STUDENT_FILE
+    plot = None
+    if main:
+        export_student(distiller.student.model, student_file)
+        plot = _plot(metrics, out / PLOT_FILE) if metrics else None
+    if world:
+        world.barrier()  # every rank returns once the files are there
     return {"student": str(student_file), "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
-            "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None}
+            "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None} | _rank_of(world)
+
+
+def _rank_of(world: World | None) -> dict:
+    return {"rank": world.rank, "world_size": world.size} if world else {}
+
+
+def _read_checkpoint(path: Path, spec: TrainSpec) -> dict | None:
+    """The checkpoint to resume from (None when there is none), refused if another configuration wrote it."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code in it, or not a torch file at all: nothing of it runs
+        from .weights import refusal
+
+        raise ValueError(f"checkpoint {path} cannot be loaded safely ({refusal(e)}); it is not this "
+                         f"trainer's checkpoint: remove it or start a new output folder") from None
+    if state["spec"] != _resume_key(spec):
+        raise ValueError(f"{path} belongs to another run configuration; start a new output folder")
+    return state
 
 
 def _resume_key(spec: TrainSpec) -> str:
