@@ -217,6 +217,9 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
     torch.manual_seed(spec.seed)
     reader, data, distiller, online, rec = build_run(spec, device)
     trainable = nn.ModuleDict({"student": distiller.student, "caps": distiller.caps})
+    channels_last = device.type == "cuda" if spec.channels_last is None else spec.channels_last
+    if channels_last:  # the student's and CAPs' convolutions in NHWC (bench/results-step-cuda.json)
+        trainable.to(memory_format=torch.channels_last)
     opt = timm.optim.create_optimizer_v2(trainable, opt=rec["opt"], lr=rec["lr"], weight_decay=rec["weight_decay"],
                                          **({"momentum": rec["momentum"]} if "momentum" in rec else {}))
     batch = min(rec["batch_size"], len(data))
@@ -283,6 +286,8 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             if b is None:
                 continue
             images, labels = b["image"].to(device, non_blocking=pin), b["label"].to(device, non_blocking=pin)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             # Targets in fp32 outside autocast, as the cache holds them (the teacher ran in fp32).
             if online is not None:
                 targets = online(b["teacher_image"].to(device, non_blocking=pin))
@@ -363,6 +368,6 @@ def _read_checkpoint(path: Path, spec: TrainSpec) -> dict | None:
 
 def _resume_key(spec: TrainSpec) -> str:
     d = spec.to_dict()
-    for volatile in ("workers", "device", "output", "verify_fingerprints", "on_corrupt"):
+    for volatile in ("workers", "device", "output", "verify_fingerprints", "on_corrupt", "channels_last"):
         d.pop(volatile, None)
     return json.dumps(d, sort_keys=True)
