@@ -302,7 +302,8 @@ def breakdown(dist, x, targets, repeats, device) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3 on CPU, to keep make bench "
+                   "near 10 minutes on 2 cores; 5 on CUDA)")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers for (b); default 0 on CPU (a worker would take one of the cores the step "
                         "uses, so reading is paid in series and shows in b/c), 4 on GPU")
@@ -315,7 +316,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = a.batch or (64 if device.type == "cuda" else 4)
     workers = a.workers if a.workers is not None else (4 if device.type == "cuda" else 0)
-    teachers, repeats = a.teachers, a.repeats
+    teachers, repeats = a.teachers, a.repeats or (5 if device.type == "cuda" else 3)
     if a.quick:
         teachers, batch, repeats = teachers[:1], 2, 1
     (ROOT / ".work").mkdir(exist_ok=True)

@@ -3,7 +3,8 @@
     tasks = pending shards (a shard = a fixed range of the sorted dataset listing)
     ray.data.from_items(tasks)
         .map(render_views)                                   # decode, K views, fingerprints (Ray Data fuses
-                                                             # it into the teacher actors' stage)
+                                                             # it into CPU teacher actors; a GPU actor's
+                                                             # resources differ, so there it runs apart)
         .map(TeacherForward, compute=ActorPoolStrategy(n))   # the teacher, loaded once per actor
         .map(write_shard)                                    # encode, write under a temporary name, rename
 The driver streams the committed records back and keeps manifest.json current. ``engine="local"``
@@ -245,7 +246,6 @@ def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_k
     finally:
         render_pool.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
-
 
 
 def _versions() -> dict:
