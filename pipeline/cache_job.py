@@ -10,7 +10,7 @@
 The driver streams the committed records back and keeps manifest.json current. ``engine="local"``
 runs the very same three functions in this process (one machine, no Ray): views are rendered
 ahead in threads and shards written in a writer thread while the teacher runs (measured on an
-H100 with Swin-L: 2.6× the stages in series; bench/results-throughput-cuda.json).
+H100 with Swin-L: 2.6–2.7× the stages in series; bench/results-throughput-cuda*.json).
 
 Exactly once: a shard's contents depend only on its range (views are seeded by key, the teacher
 sees the shard's views in a fixed order and batch split), commits are atomic renames, a re-run
@@ -190,7 +190,7 @@ def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_k
     yields write_shard's rows in order.
 
     render: 'threads' (default; PIL decodes and resizes without the GIL) or 'processes' (spawned).
-    Measured on an H100 with Swin-L (bench/results-throughput-cuda.json), steady state over the bare
+    Measured on an H100 with Swin-L (bench/results-throughput-cuda*.json), steady state over the bare
     forward: series 0.24, 4 threads 0.66–0.75, 8 or 14 threads 0.64–0.67, 4/8/14 processes
     0.56/0.61/0.65: rendering no longer bounds it there. The one writer thread does: encoding and
     committing a Swin-L shard (256 views, 116 MB in fp16) takes 1.3 s (zarr) / 0.5 s (webdataset)
@@ -434,7 +434,7 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
 
     bar = tqdm(total=n_shards, initial=len(records), unit="shard", desc=f"caching {spec.name}",
                disable=not progress, file=sys.stderr)
-    started_ray, new_samples, per_node = False, 0, {}
+    started_ray, new_samples, per_node, results = False, 0, {}, None
     try:
         if engine == "local":
             results = local_pipeline(tasks, render_kw, teacher_kw, write_kw, local_threads, local_render)
@@ -489,6 +489,8 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
         raise
     finally:
         bar.close()
+        if engine == "local" and results is not None:
+            results.close()  # a failed driver stops the render pool and the writer, nothing more is committed
         if started_ray:
             import ray
 

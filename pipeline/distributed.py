@@ -72,7 +72,11 @@ class World:
 
 
 def _rank_device(name: str, local_rank: int) -> torch.device:
-    """auto / cuda → cuda:LOCAL_RANK (cpu where there is no GPU); cpu and cuda:N as given."""
+    """auto / cuda → cuda:LOCAL_RANK (cpu where there is no GPU); cpu as given. An explicit cuda:N
+    would put every process on the same GPU, so it is refused."""
+    if name.startswith("cuda:"):
+        raise ValueError(f"device {name!r} names one GPU, which every process would share; use 'cuda' or 'auto' "
+                         f"(each process takes cuda:LOCAL_RANK)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":

@@ -321,27 +321,30 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
                 return {"stopped": True, "epoch": epoch, "step": step + 1} | _rank_of(world)
         bar.close()
         seconds = time.perf_counter() - t0
-        if world:  # BatchNorm statistics differ per rank (each saw its own samples): their mean, as timm's train.py
+        if world:  # running BN statistics: DDP copies rank 0's buffers before each forward; their mean, as timm's train.py
             timm.utils.distribute_bn(trainable, world.size, reduce=True)
         val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size, world=world)
         record = {"epoch": epoch, "view": data.view_of(epoch), "train": {k: v / max(seen, 1) for k, v in sums.items()},
                   "val": val, "lr": opt.param_groups[0]["lr"], "samples": seen, "seconds": round(seconds, 2),
                   "samples_per_s": round(seen / seconds, 2) if seconds else None}
         metrics.append(record)
-        if main:  # rank 0 alone writes
+        def save(epoch=epoch):
             _save_epoch(out, ckpt_path, metrics, {"spec": _resume_key(spec), "epoch": epoch, "trainable": trainable.state_dict(),
                                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                                   "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)})
+
+        # rank 0 alone writes; its error (a full disk) is raised on every rank, so none waits forever
+        world.from_main(save) if world else save()
         log(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}"
             + (f", val top-1 {val['top1']:.1f}% top-5 {val['top5']:.1f}%" if val else "")
             + f", {record['samples_per_s']} samples/s")
     student_file = out / STUDENT_FILE
-    plot = None
-    if main:
+
+    def finish():
         export_student(distiller.student.model, student_file)
-        plot = _plot(metrics, out / PLOT_FILE) if metrics else None
-    if world:
-        world.barrier()  # every rank returns once the files are there
+        return _plot(metrics, out / PLOT_FILE) if metrics else None
+
+    plot = world.from_main(finish) if world else finish()  # every rank returns once the files are there
     return {"student": str(student_file), "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
             "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None} | _rank_of(world)
 
@@ -356,11 +359,16 @@ def _read_checkpoint(path: Path, spec: TrainSpec) -> dict | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
     except Exception as e:  # a pickle with code in it, or not a torch file at all: nothing of it runs
         from .weights import refusal
 
         raise ValueError(f"checkpoint {path} cannot be loaded safely ({refusal(e)}); it is not this "
                          f"trainer's checkpoint: remove it or start a new output folder") from None
+    if not isinstance(state, dict) or "spec" not in state:
+        raise ValueError(f"checkpoint {path} is not this trainer's checkpoint (no 'spec' entry); remove it or "
+                         f"start a new output folder")
     if state["spec"] != _resume_key(spec):
         raise ValueError(f"{path} belongs to another run configuration; start a new output folder")
     return state

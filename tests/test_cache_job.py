@@ -832,3 +832,32 @@ def test_local_engine_rendering_in_processes_writes_the_same_cache(base, tmp_pat
     with pytest.raises(ValueError, match=r"^render must be 'threads' or 'processes', got 'fibers'$"):
         run_cache_job(_spec(base, tmp_path / "f"), engine="local", progress=False, log=lambda m: None,
                       local_threads=2, local_render="fibers")
+
+
+def test_a_failing_driver_closes_the_local_pipeline_and_commits_nothing_more(base, tmp_path, monkeypatch):
+    """When the driver's own step fails (here: the manifest cannot be written), the local engine's
+    render pool and writer are shut down at once: no shard beyond those already in flight lands."""
+    import pipeline.cache_job as cj
+
+    real = cj.write_json_atomic
+    calls = []
+
+    def failing_manifest(path, data):
+        calls.append(path)
+        if len(calls) == 2:  # the first save after a shard came back
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(cj, "write_json_atomic", failing_manifest)
+    out = tmp_path / "closed"
+    with pytest.raises(OSError, match="No space left on device"):
+        run(_spec(base, out), local_threads=2)
+    n_after_failure = len(committed(out))
+    import time
+
+    time.sleep(1.0)  # a writer left running would commit more shards by now
+    assert len(committed(out)) == n_after_failure < 4
+    assert temporaries(out) == []
+    monkeypatch.setattr(cj, "write_json_atomic", real)
+    assert run(_spec(base, out))["complete"] is True
+    assert shard_sums(out) == shard_sums(base.zarr.root)

@@ -247,3 +247,13 @@ def test_ranks_that_read_the_same_samples_do_not_give_the_single_process_student
     moved = _rel_diff(single, _trainable_at_start(world["spec"]))
     assert _rel_diff(single, _trainable(out)) > 0.3 * moved  # the right sampler: ~1e-5 of the update
     assert _max_rel_loss_diff(_metrics(world["single"]), _metrics(out)) > 1000 * TOLERANCE
+
+
+def test_an_explicit_gpu_index_is_refused_for_several_processes():
+    from pipeline.distributed import _rank_device
+
+    with pytest.raises(ValueError) as e:
+        _rank_device("cuda:1", local_rank=0)
+    assert str(e.value) == ("device 'cuda:1' names one GPU, which every process would share; use 'cuda' or 'auto' "
+                            "(each process takes cuda:LOCAL_RANK)")
+    assert _rank_device("cpu", local_rank=1) == torch.device("cpu")

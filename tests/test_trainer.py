@@ -473,3 +473,14 @@ def test_channels_last_gives_the_same_loss_and_gradients_within_float_rounding(w
     # 1.4e-4 measured: at a random start φ(F) of the CAP output is ~1e-3 of F, so removing the DC
     # cancels most of it and magnifies rounding in those CAPs' gradients (tests/test_ddp.py saw the same)
     assert ((ga - gb).norm() / ga.norm()).item() < 1e-3
+
+
+def test_a_checkpoint_that_is_not_this_trainers_is_refused_by_name(tmp_path):
+    from pipeline.trainer import _read_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"weight": torch.zeros(2)}, path)  # loads safely, but is a plain state dict
+    with pytest.raises(ValueError) as e:
+        _read_checkpoint(path, TrainSpec(name="t", cache="c", student=STUDENT, output=str(tmp_path)))
+    assert str(e.value) == (f"checkpoint {path} is not this trainer's checkpoint (no 'spec' entry); remove it or "
+                            f"start a new output folder")
