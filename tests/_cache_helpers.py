@@ -221,3 +221,24 @@ def wait_for(pred, proc: subprocess.Popen, timeout: float = 90.0, poll: float = 
             return False
         time.sleep(poll)
     return False
+
+
+def sigkill_when(pred, proc: subprocess.Popen, what: str, timeout: float = 90.0, jitter: float = 0.0) -> None:
+    """SIGKILL `proc` once pred() holds (after `jitter` seconds more); fail the test, naming `what`,
+    if the process ends before that. The process is never left running."""
+    import signal
+
+    import pytest
+
+    try:
+        if not wait_for(pred, proc, timeout=timeout):
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"{what} ended before the kill point (rc {proc.returncode}):\n{out}\n{err[-3000:]}")
+        time.sleep(jitter)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import tarfile
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from typer.testing import CliRunner
 
 from _cache_helpers import (CORRUPT_KEY, FINAL_SHAPE, FP32, LOGITS_SHAPE, MID_SHAPE, TEACHER_KWARGS, TEACHER_NAME,
                             all_keys, committed, file_sums, load_split, make_imagefolder, make_spec, manifest, replay,
-                            run, save_checkpoint, shard_sums, start_job_subprocess, temporaries, view_config, wait_for)
+                            run, save_checkpoint, shard_sums, start_job_subprocess, sigkill_when, temporaries, view_config)
 from pipeline.cache_job import CacheConfigError
 from pipeline.datasets import DatasetError, list_dataset, load_image
 from pipeline.inspect_cache import verify
@@ -377,18 +376,7 @@ def _kill_and_resume(killable, tmp_path, fmt: str, after: int, mid_write: bool):
     out = tmp_path / "killed"
     spec = make_spec(killable.data, out, killable.ckpt, fmt=fmt, samples_per_shard=2, per_image=2, batch_size=4)
     proc = start_job_subprocess(spec, delay=0.3)
-    try:
-        hit = wait_for(lambda: len(committed(out)) >= after and (not mid_write or temporaries(out)), proc)
-        if not hit:
-            out_, err = proc.communicate(timeout=30)
-            pytest.fail(f"the job ended before the kill point (rc {proc.returncode}):\n{out_}\n{err[-3000:]}")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(lambda: len(committed(out)) >= after and (not mid_write or temporaries(out)), proc, "the job")
     done = committed(out)
     assert after <= len(done) < 12, done
     if mid_write:
@@ -453,7 +441,6 @@ def _kill_repeatedly(killable, tmp_path, fmt: str, kills: int, seed: int) -> dic
     shard's decode, teacher or write). Returns the figures: kills survived, samples lost, duplicates.
     """
     import random
-    import time
 
     rng = random.Random(seed)
     out = tmp_path / "killed"
@@ -463,18 +450,8 @@ def _kill_repeatedly(killable, tmp_path, fmt: str, kills: int, seed: int) -> dic
         target = min(len(committed(out)) + rng.randint(0, 2), 10)  # 12 shards: the job never ends first
         mid_write, jitter = rng.random() < 0.5, rng.uniform(0.0, 0.4)
         proc = start_job_subprocess(spec, delay=0.3)
-        try:
-            if not wait_for(lambda: len(committed(out)) >= target and (not mid_write or temporaries(out)), proc):
-                out_, err = proc.communicate(timeout=30)
-                pytest.fail(f"the job ended before the kill point (rc {proc.returncode}):\n{out_}\n{err[-3000:]}")
-            time.sleep(jitter)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == -signal.SIGKILL
+        sigkill_when(lambda: len(committed(out)) >= target and (not mid_write or temporaries(out)), proc, "the job",
+                     jitter=jitter)
         survived += 1
         # after each kill: the manifest (once written) lists only intact, committed shards and is not complete
         if (out / "manifest.json").is_file():

@@ -220,27 +220,16 @@ print("FINISHED", flush=True)
 
 def _kill_trainer_when(spec, progress: Path, until, hold: float, half_checkpoint: bool) -> None:
     """Train in a subprocess; SIGKILL it as soon as until(lines of progress) holds."""
-    import signal
     import subprocess
 
-    from _cache_helpers import PYTHON, ROOT, wait_for
+    from _cache_helpers import PYTHON, ROOT, sigkill_when
 
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([PYTHON, "-c", _KILLABLE_TRAINER, json.dumps(spec.to_dict()), str(progress), str(hold),
                              "1" if half_checkpoint else "0"], cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        lines = lambda: progress.read_text().splitlines() if progress.exists() else []  # noqa: E731
-        if not wait_for(lambda: until(lines()), proc, timeout=120):
-            out, err = proc.communicate(timeout=30)
-            pytest.fail(f"the trainer ended before the kill point (rc {proc.returncode}):\n{out}\n{err[-3000:]}")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    lines = lambda: progress.read_text().splitlines() if progress.exists() else []  # noqa: E731
+    sigkill_when(lambda: until(lines()), proc, "the trainer", timeout=120)
 
 
 def _checkpoint_epoch(run_dir: Path) -> int:
