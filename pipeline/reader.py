@@ -8,6 +8,7 @@ import numpy as np
 
 
 from .schema import MANIFEST, SHARD_META, ManifestError, RoleSpec, decode, read_manifest
+from .shards import record_mismatch
 from .stores import store_module
 
 __all__ = ["CacheReader"]
@@ -22,8 +23,6 @@ class CacheReader:
     """
 
     def __init__(self, root: str | Path):
-        from .shards import record_mismatch  # here, not at the top: shards imports torch (for sha256 of weights)
-
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
         self.format = self.manifest["format"]

@@ -28,6 +28,7 @@ Codecs (per role):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ROLES", "CODECS", "RoleSpec", "encode", "decode", "shard_name", "SHARD_PREFIX", "write_json_atomic",
-           "MANIFEST", "SHARD_META", "ManifestError", "read_manifest"]
+           "MANIFEST", "SHARD_META", "ManifestError", "read_manifest", "file_sha256"]
 
 ROLES = ("final", "mid", "logits")
 CODECS = ("fp32", "fp16", "int8", "int8dc")
@@ -161,3 +162,11 @@ def read_manifest(root: str | Path) -> dict:
             raise ManifestError(f"{path}: role {name!r} declares fields {declared}, but shape {spec.shape} with codec "
                                 f"{spec.codec!r} stores {spec.fields()}")
     return m
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import SHARD_META, SHARD_PREFIX, RoleSpec, shard_name, write_json_atomic
+from .schema import SHARD_META, SHARD_PREFIX, RoleSpec, file_sha256, shard_name, write_json_atomic
 from .stores import store_module
-from .weights import file_sha256
 
 __all__ = ["CacheWriteError", "commit_shard", "shard_record", "record_mismatch", "committed_shards", "remove_temporaries",
            "verify_shard"]

@@ -5,7 +5,6 @@ Local files are read without ever unpickling code: safetensors, or a torch file 
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -14,15 +13,9 @@ import torch
 
 from scalekd.teacher import TeacherSplit, split_teacher, teacher_family
 
+from .schema import file_sha256  # re-exported: callers read weights' sha256 from here
+
 __all__ = ["read_state_dict", "refusal", "file_sha256", "load_teacher", "efficientnet_lite0_state_dict", "export_demo_teacher"]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def refusal(e: Exception) -> str:
