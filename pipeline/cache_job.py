@@ -19,12 +19,14 @@ skips committed shards, and a retried task finds its shard committed and discard
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,8 +35,9 @@ import torch
 
 from scalekd.teacher import TeacherInfo, split_teacher, teacher_family
 
-from .datasets import BadImage, SampleRef, list_dataset, load_image
+from .datasets import BadImage, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
 from .job_spec import CacheSpec, work_dir
+from .sample_index import ARRAY_COLUMNS, COLUMNS_DOC, INDEX_DIR, STRING_COLUMNS
 from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, encode, shard_name, write_json_atomic
 from .shards import CacheWriteError, commit_shard, committed_shards, remove_temporaries, shard_record
 from .views import VIEW_FIELDS, fingerprint, render_view, sample_views
@@ -44,6 +47,7 @@ __all__ = ["run_cache_job", "CacheConfigError", "resolve_checkpoint", "teacher_i
            "TeacherForward", "write_shard"]
 
 BUILTIN_DEMO_TEACHER = "builtin:efficientnet-lite0"
+SAVE_EVERY, SAVE_SECONDS = 64, 30.0  # manifest rewrites while the job runs (and always at its end)
 
 
 class CacheConfigError(ValueError):
@@ -81,11 +85,12 @@ def _role_specs(spec: CacheSpec, info: TeacherInfo) -> dict[str, RoleSpec]:
 # --------------------------------------------------------------------------- the three stages
 
 
-def render_views(task: dict, views, input_size: tuple[int, int], interpolation: str) -> dict:
+def render_views(task: dict, views, input_size: tuple[int, int], interpolation: str, data_root: str) -> dict:
     """Decode the shard's images and render K views each at the teacher's input size.
 
     task: {shard, start, end, refs (JSON list of SampleRef dicts)} → adds pixels (n·K, H, W, 3) uint8,
-    samples and skipped (JSON).
+    samples and skipped (JSON). A sample's source is recorded relative to data_root (the dataset's
+    root), so a copied cache replays from wherever the dataset is copied to.
     """
     samples, skipped, pixels = [], [], []
     for ref in map(lambda d: SampleRef(**d), json.loads(task["refs"])):
@@ -98,7 +103,8 @@ def render_views(task: dict, views, input_size: tuple[int, int], interpolation: 
         params = sample_views(ref.key, image.size, views)
         rendered = [render_view(image, v, input_size, interpolation) for v in params]
         pixels.extend(rendered)
-        samples.append({"index": ref.index, "key": ref.key, "label": ref.label, "source": ref.source, "member": ref.member,
+        samples.append({"index": ref.index, "key": ref.key, "label": ref.label, "member": ref.member, "span": ref.span,
+                        "source": Path(os.path.relpath(ref.source, data_root)).as_posix(),
                         "views": [v.as_array().tolist() for v in params],
                         "fingerprints": [fingerprint(p) for p in rendered]})
     h, w = input_size
@@ -175,7 +181,7 @@ def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, lev
             data = np.zeros((0, num_views, *spec.shape), np.float32)
         fields.update(encode(spec, data))
     record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
-                          samples, json.loads(row["skipped"]), num_views, level)
+                          samples, json.loads(row["skipped"]), num_views, level, view_width=len(VIEW_FIELDS))
     return {"record": json.dumps(record), "node": row.get("node", "local")}
 
 
@@ -262,9 +268,10 @@ def _versions() -> dict:
 
 def _config(spec: CacheSpec, sha: str | None, refs: list[SampleRef]) -> dict:
     """What makes two runs write the same cache; a mismatch with an existing cache is refused."""
-    listing = hashlib.sha256("\n".join(f"{r.key}\t{r.label}" for r in refs).encode()).hexdigest()
+    listing = listing_sha256(refs)
     # Through JSON and back, so that it compares equal to the copy read from manifest.json (tuples → lists).
-    return json.loads(json.dumps({"format": spec.format, "teacher": spec.teacher["name"], "checkpoint_sha256": sha,
+    return json.loads(json.dumps({"schema_version": SCHEMA_VERSION, "format": spec.format, "teacher": spec.teacher["name"],
+            "checkpoint_sha256": sha,
             "late_blocks": spec.teacher.get("late_blocks", 2), "teacher_kwargs": spec.teacher.get("kwargs", {}),
             "views": asdict(spec.views), "roles": dict(spec.roles), "samples_per_shard": spec.samples_per_shard,
             "compression_level": spec.compression_level, "batch_size": spec.batch_size,
@@ -308,10 +315,12 @@ def _prepare_output(root: Path, config: dict, overwrite: bool) -> None:
 
 
 _LAYOUT = {
-    "zarr": {"shard": "shard-NNNNN/ is a zarr v3 group (shard.json beside its arrays); array <field> has shape "
-                      "(samples, views, *field shape) and chunk (1, 1, *field shape): one chunk per view"},
+    "zarr": {"shard": "shard-NNNNN/ is a zarr v3 group (shard.json and index/ beside its arrays); array <field> has "
+                      "shape (samples, views, *field shape) and chunk (1, 1, *field shape): one chunk per view"},
     "webdataset": {"shard": "shard-NNNNN/v<k>.tar holds view k of every sample of the shard: s<index>.json "
-                            "(key, label, view, fingerprint) and s<index>.<field>.npy; shard.json beside them"},
+                            "(key, label, view, fingerprint) and s<index>.<field>.npy; entries.npy (views, samples, "
+                            "fields, 3) int64 holds each .npy entry's data offset, size and crc32 (fields in the "
+                            "order of roles, then each role's fields); shard.json and index/ beside them"},
     "roles": {
         "final": "teacher tokens (N, C) on teacher.final_hw, row-major, CLS/register tokens dropped; the DC-removed "
                  "view is final minus its mean over tokens (per channel), not stored",
@@ -321,15 +330,17 @@ _LAYOUT = {
         "int8dc": "codec int8dc stores <role>_q (int8), <role>_scale and <role>_dc (float32): value = q * scale + dc",
         "view": "view = [top, left, height, width] as fractions of the original image, then flip (0/1); the model's "
                 "input is that box resized to its input size with its interpolation, flipped if flip",
+        "sample index": "per-sample metadata is columnar: shard-NNNNN/index/ for each shard, and index/ at the root "
+                        "(all shards in manifest order, written when the cache is complete; listed under 'index' "
+                        "with each file's bytes and sha256); sample i of the cache is row i of every column",
     },
 }
 
 
-def _manifest(spec, info, ckpt, sha, specs, config, refs, classes, listing_skipped, records, complete) -> dict:
-    skipped = list(listing_skipped)
-    for meta in records.values():
-        skipped += meta.get("skipped", [])
-    shards = [shard_record(records[i]) for i in sorted(records)]
+def _manifest(spec, info, ckpt, sha, specs, config, listed, classes, data_root, listing_skipped, records, skipped,
+              complete, index=None) -> dict:
+    """records: shard index → the shard's manifest record; skipped: shard index → its skipped inputs."""
+    shards = [records[i] for i in sorted(records)]
     return {
         "format": spec.format,
         "schema_version": SCHEMA_VERSION,
@@ -341,19 +352,75 @@ def _manifest(spec, info, ckpt, sha, specs, config, refs, classes, listing_skipp
                                      "seed": config["random_init_seed"],
                                      "kwargs": spec.teacher.get("kwargs", {})},
         "views": spec.views.to_dict() | {"fields": list(VIEW_FIELDS)},
-        "dataset": {"spec": spec.dataset, "listed": len(refs), "classes": classes},
+        "dataset": {"spec": spec.dataset, "root": str(data_root), "relative_spec": relative_spec(spec.dataset, data_root),
+                    "listed": listed, "classes": classes},
         "roles": {name: s.to_dict() | {"compressor": f"zstd(level={spec.compression_level}, checksum)"
-                                       if spec.format == "zarr" else "none (plain .npy in tar)"}
+                                       if spec.format == "zarr" else "none (plain .npy in tar, crc32 in entries.npy)"}
                   for name, s in specs.items()},
-        "layout": _LAYOUT[spec.format] | _LAYOUT["roles"],
+        "layout": _LAYOUT[spec.format] | _LAYOUT["roles"] | {"index": COLUMNS_DOC},
         "samples_per_shard": spec.samples_per_shard,
-        "num_samples": sum(len(m["samples"]) for m in records.values()),
+        "num_samples": sum(r["samples"] for r in shards),
         "num_views": spec.views.per_image,
-        "num_shards_expected": -(-len(refs) // spec.samples_per_shard),
+        "num_shards_expected": -(-listed // spec.samples_per_shard),
         "shards": shards,
-        "skipped": skipped,
+        "index": index,
+        "skipped": list(listing_skipped) + [x for i in sorted(skipped) for x in skipped[i]],
         "versions": _versions(),
     }
+
+
+def consolidate_index(root: Path, records: dict[int, dict]) -> dict:
+    """The shards' indices as one folder ``index/`` at the cache root, streamed column by column
+    (a driver never holds a whole column) and renamed into place; returns its manifest entry
+    {samples, files: {name: {bytes, sha256}}}."""
+    root = Path(root)
+    names = [records[i]["name"] for i in sorted(records)]
+    tmp = root / f".tmp-index-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    files = {}
+    for column in ARRAY_COLUMNS:
+        parts = [np.load(root / n / INDEX_DIR / f"{column}.npy", mmap_mode="r") for n in names]
+        first = parts[0]
+        shape = (sum(len(p) for p in parts), *first.shape[1:])
+        files[f"{column}.npy"] = _stream(tmp / f"{column}.npy", parts, header={"descr": np.lib.format.dtype_to_descr(
+            first.dtype), "fortran_order": False, "shape": shape})
+        del parts
+    for column in STRING_COLUMNS:
+        blobs = [root / n / INDEX_DIR / f"{column}.bin" for n in names]
+        files[f"{column}.bin"] = _stream(tmp / f"{column}.bin", (np.fromfile(b, np.uint8) for b in blobs))
+        offsets, base = [np.zeros(1, np.int64)], 0
+        for n in names:  # (n+1,) per shard, rebased: about 16 bytes a sample in memory, briefly
+            off = np.load(root / n / INDEX_DIR / f"{column}_offsets.npy")
+            offsets.append(off[1:] + base)
+            base += int(off[-1])
+        files[f"{column}_offsets.npy"] = _stream(tmp / f"{column}_offsets.npy", [np.concatenate(offsets)],
+                                                 header={"descr": "<i8", "fortran_order": False,
+                                                         "shape": (sum(len(o) for o in offsets),)})
+    for path in tmp.iterdir():
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    final = root / INDEX_DIR
+    if final.exists():  # a consolidation the manifest never recorded (a kill in between): ours, redone
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return {"samples": sum(r["samples"] for r in records.values()), "files": files,
+            "columns": COLUMNS_DOC}
+
+
+def _stream(path: Path, parts, header: dict | None = None) -> dict:
+    """Write arrays back to back (after a .npy header) and hash them on the way: {bytes, sha256}."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        if header is not None:
+            buf = io.BytesIO()
+            np.lib.format.write_array_header_1_0(buf, header)
+            f.write(buf.getvalue())
+            h.update(buf.getvalue())
+        for part in parts:
+            data = np.ascontiguousarray(part).tobytes()
+            f.write(data)
+            h.update(data)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def _init_ray(address: str | None):
@@ -400,11 +467,25 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
     removed = remove_temporaries(root)
     if removed:
         log(f"removed {len(removed)} half-written shard(s) from an interrupted run: {', '.join(removed[:5])}")
-    records = committed_shards(root)
+    # The driver keeps each shard's record and skipped inputs, never its samples.
+    records, skipped = {}, {}
+    for i, meta in committed_shards(root).items():
+        records[i], skipped[i] = shard_record(meta), meta.get("skipped", [])
+    data_root = dataset_root(spec.dataset, refs)
+    listed = len(refs)
+    last_save = [0, time.monotonic()]  # commits and time at the last manifest write
 
-    def save(complete: bool):
-        write_json_atomic(root / MANIFEST, _manifest(spec, info, ckpt, sha, specs, config, refs, classes,
-                                                     listing_skipped, records, complete))
+    def save(complete: bool, index: dict | None = None):
+        write_json_atomic(root / MANIFEST, _manifest(spec, info, ckpt, sha, specs, config, listed, classes, data_root,
+                                                     listing_skipped, records, skipped, complete, index))
+        last_save[:] = [len(records), time.monotonic()]
+
+    def finish() -> bool:
+        """The final manifest (with the consolidated index when every shard is in); True when complete."""
+        complete = len(records) == n_shards
+        index = consolidate_index(root, records) if complete and records else None
+        save(complete, index)
+        return complete
 
     n_shards = -(-len(refs) // spec.samples_per_shard)
     tasks = []
@@ -416,7 +497,7 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
                       "refs": json.dumps([asdict(r) for r in refs[start:end]])})
     if max_shards is not None:
         tasks = tasks[:max_shards]
-    save(complete=not tasks and len(records) == n_shards)  # first: from here on the folder is a cache
+    save(complete=False)  # first: from here on the folder is a cache
     if spec.format == "zarr":
         from .stores.zarr_store import write_root
 
@@ -424,7 +505,8 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
     if records:
         log(f"resuming: {len(records)} of {n_shards} shards already committed in {root}")
 
-    render_kw = dict(views=spec.views, input_size=tuple(info.input_size[1:]), interpolation=info.interpolation)
+    render_kw = dict(views=spec.views, input_size=tuple(info.input_size[1:]), interpolation=info.interpolation,
+                     data_root=str(data_root))
     teacher_kw = dict(teacher=spec.teacher, checkpoint=ckpt, roles=list(specs), batch_size=spec.batch_size,
                       device=spec.device)
     write_kw = dict(root=str(root), fmt=spec.format, specs={k: v.to_dict() for k, v in specs.items()},
@@ -471,16 +553,21 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
                 raise CacheWriteError(f"{record['name']} was committed by a Ray worker but {meta} does not exist on "
                                       f"the driver's node: the output must be on a filesystem every node mounts at "
                                       f"the same path")
-            records[index] = json.loads(meta.read_text())
+            records[index], skipped[index] = record, json.loads(meta.read_text()).get("skipped", [])
             new_samples += record["samples"]
             per_node[row["node"]] = per_node.get(row["node"], 0) + 1
-            save(complete=len(records) == n_shards)
+            # The manifest is brought up to date every SAVE_EVERY commits or SAVE_SECONDS, not on every
+            # commit (rewriting it per commit is quadratic in the job: 2.5 GB at ImageNet size). The
+            # shard folders are the truth: a killed run resumes from them, whatever the manifest says.
+            if len(records) - last_save[0] >= SAVE_EVERY or time.monotonic() - last_save[1] >= SAVE_SECONDS:
+                save(complete=False)
             bar.update(1)
         # A worker killed while writing leaves its .tmp-shard-*; the retry committed the shard and
         # every attempt has ended now, so what is left is garbage (inspect --verify would flag it).
         removed = remove_temporaries(root)
         if removed:
             log(f"removed {len(removed)} copy(ies) left by killed shard writers: {', '.join(removed[:5])}")
+        finish()
     except Exception as e:
         save(complete=False)
         cause = _root_cause(e)

@@ -169,6 +169,10 @@ def distill(
     resume: bool = typer.Option(False, help="continue from the run folder's checkpoint"),
     verify_fingerprints: bool = typer.Option(False, help="check every replayed view against its stored fingerprint"),
     skip_corrupt: bool = typer.Option(False, help="skip samples whose cache entry cannot be read, instead of stopping"),
+    data_root: Optional[Path] = typer.Option(None, help="where the cache's dataset is now (a copied cache); its "
+                                             "listing is checked against the cache's"),
+    teacher_checkpoint: Optional[Path] = typer.Option(None, help="where the teacher checkpoint is now (a copied "
+                                                      "cache); its sha256 is checked against the cache's"),
 ):
     """Train a student from a teacher cache, running only the teacher's late part online (for TPP).
 
@@ -190,7 +194,9 @@ def distill(
                                recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr,
                                output=str(output) if output else None, workers=workers, device=device, seed=seed,
                                verify_fingerprints=verify_fingerprints or None,
-                               on_corrupt="skip" if skip_corrupt else None)
+                               on_corrupt="skip" if skip_corrupt else None,
+                               data_root=str(data_root.resolve()) if data_root else None,
+                               teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None)
         result = train(spec, resume=resume, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, CacheMismatchError, ManifestError, BadImage, ReplayError,
             CheckpointWriteError, FloatingPointError) as e:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .reader import CacheReader
+from .sample_index import INDEX_DIR, SampleIndex
 from .schema import MANIFEST, SHARD_META, SHARD_PREFIX, ManifestError, read_manifest
 from .shards import verify_shard
 
@@ -89,15 +90,45 @@ def verify(root: str | Path) -> dict:
         names = {f"{SHARD_PREFIX}{i:05d}" for i in range(expected)}
         problems += [f"{name}: never committed (the run did not finish; run the job again to resume)"
                      for name in sorted(names - listed)]
+    problems += _check_index(root, m)
     if m["num_samples"] != sum(s["samples"] for s in m["shards"]):
         problems.append(f"{MANIFEST}: num_samples {m['num_samples']} != the shards' {sum(s['samples'] for s in m['shards'])}")
     return {"cache": str(root), "shards": len(m["shards"]), "ok": not problems, "problems": problems}
 
 
+def _check_index(root: Path, m: dict) -> list[str]:
+    """The consolidated index/ against the checksums the manifest records (a complete cache has one)."""
+    from .schema import file_sha256
+
+    if not m.get("index"):
+        return [f"{MANIFEST}: complete, but lists no consolidated {INDEX_DIR}/ (run the job again)"] if m.get("complete") else []
+    problems = []
+    for name, f in m["index"]["files"].items():
+        path = root / INDEX_DIR / name
+        if not path.is_file():
+            problems.append(f"{INDEX_DIR}/{name}: missing")
+        elif path.stat().st_size != f["bytes"]:
+            problems.append(f"{INDEX_DIR}/{name}: {path.stat().st_size} bytes, expected {f['bytes']}")
+        elif file_sha256(path) != f["sha256"]:
+            problems.append(f"{INDEX_DIR}/{name}: checksum mismatch")
+    if m["index"]["samples"] != m["num_samples"]:
+        problems.append(f"{INDEX_DIR}: {m['index']['samples']} samples, the manifest declares {m['num_samples']}")
+    return problems
+
+
 def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
     meta = json.loads((root / record["name"] / SHARD_META).read_text())
-    n, k = len(meta["samples"]), m["num_views"]
+    n, k = meta.get("num_samples", -1), m["num_views"]
     problems = []
+    try:
+        index = SampleIndex.open(root / record["name"] / INDEX_DIR)
+        views = index.arrays["views"].shape[1:]
+        if len(index) != n or views != (k, len(m["views"].get("fields", [])) or views[1]):
+            problems.append(f"{record['name']}/{INDEX_DIR}: {len(index)} samples with views {views}, expected {n} "
+                            f"samples with {k} views")
+        indices = [int(i) for i in index.arrays["dataset_index"]]
+    except (OSError, ValueError) as e:
+        return problems + [f"{record['name']}/{INDEX_DIR}: unreadable ({e})"]
     if meta["start"] != record["start"] or meta["end"] != record["end"] or n > meta["end"] - meta["start"]:
         problems.append(f"{record['name']}: sample range [{meta['start']}, {meta['end']}) does not hold {n} samples")
     if m["format"] == "zarr":
@@ -116,14 +147,29 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
     else:
         import tarfile
 
+        from .stores.wds_store import ENTRIES
+
         for view in range(k):
-            with tarfile.open(root / record["name"] / f"v{view}.tar") as tar:
-                names = set(tar.getnames())
-            for s in meta["samples"]:
-                for role in m["roles"].values():
-                    for field in role["fields"]:
-                        if f"s{s['index']:08d}.{field}.npy" not in names:
-                            problems.append(f"{record['name']}/v{view}.tar: entry s{s['index']:08d}.{field}.npy missing")
+            try:
+                with tarfile.open(root / record["name"] / f"v{view}.tar") as tar:
+                    members = {t.name: t.offset_data for t in tar.getmembers()}
+            except (OSError, tarfile.TarError) as e:
+                problems.append(f"{record['name']}/v{view}.tar: unreadable ({e})")
+                continue
+            try:
+                entries = np.load(root / record["name"] / ENTRIES, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                problems.append(f"{record['name']}/{ENTRIES}: unreadable ({e})")
+                break
+            fields = [f for role in m["roles"].values() for f in role["fields"]]
+            for row, index_ in enumerate(indices):
+                for j, field in enumerate(fields):
+                    name = f"s{index_:08d}.{field}.npy"
+                    if name not in members:
+                        problems.append(f"{record['name']}/v{view}.tar: entry {name} missing")
+                    elif entries.shape[:3] != (k, n, len(fields)) or entries[view, row, j, 0] != members[name]:
+                        problems.append(f"{record['name']}/{ENTRIES}: the offset of {name} in v{view}.tar is not "
+                                        f"where the tar holds it")
     return problems
 
 

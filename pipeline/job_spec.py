@@ -153,6 +153,10 @@ class TrainSpec:
     on_corrupt: str = "stop"
     max_steps_per_epoch: int | None = None
     channels_last: bool | None = None  # None: on CUDA only (1.2–1.3× faster steps on an H100; the same math)
+    # A cache copied to another machine: where its dataset and teacher checkpoint are now (each checked:
+    # the dataset's listing and the checkpoint's sha256 against the manifest).
+    data_root: str | None = None
+    teacher_checkpoint: str | None = None
 
     def __post_init__(self):
         if self.targets not in ("cache", "online"):

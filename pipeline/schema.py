@@ -2,10 +2,13 @@
 
 A cache is a folder:
     manifest.json            everything a reader needs, without this project's code
+    index/                   the columnar sample index of the whole cache (pipeline.sample_index), written
+                             when the cache is complete
     shard-00000/ ...         committed shards (a shard folder appears only by an atomic rename)
-        shard.json           the shard's samples: keys, labels, view parameters, fingerprints, file checksums
+        shard.json           the shard's range, sample count, skipped inputs, file sizes and checksums
+        index/               the shard's columnar sample index: keys, labels, sources, views, fingerprints
         <store files>        zarr: a v3 group, one sharded array per field;
-                             webdataset: v0.tar … v{K-1}.tar, one tar per view index
+                             webdataset: v0.tar … v{K-1}.tar, one tar per view index, and entries.npy
 
 Roles and what is stored for each (per view):
     final   F^t, (N, C) tokens. φ(F^t) is NOT stored: F = φ(F) + DC with DC the per-channel token
@@ -44,7 +47,7 @@ CODECS = ("fp32", "fp16", "int8", "int8dc")
 SHARD_PREFIX = "shard-"
 MANIFEST = "manifest.json"
 SHARD_META = "shard.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: columnar sample index (index/), relative sources, webdataset entries.npy
 
 
 class ManifestError(ValueError):
@@ -149,7 +152,9 @@ def read_manifest(root: str | Path) -> dict:
         if key not in m:
             raise ManifestError(f"{path}: missing key {key!r}")
     if m["schema_version"] != SCHEMA_VERSION:
-        raise ManifestError(f"{path}: schema_version {m['schema_version']} is not the supported {SCHEMA_VERSION}")
+        how = (" (an older cache: its per-sample metadata is not in the columnar index this version reads); rebuild "
+               "it with this version: scalekd-pipeline cache-teacher JOB.yaml --overwrite") if m["schema_version"] == 1 else ""
+        raise ManifestError(f"{path}: schema_version {m['schema_version']} is not the supported {SCHEMA_VERSION}{how}")
     if m["format"] not in ("zarr", "webdataset"):
         raise ManifestError(f"{path}: format {m['format']!r} is neither 'zarr' nor 'webdataset'")
     for name, role in m["roles"].items():

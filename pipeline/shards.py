@@ -1,7 +1,8 @@
 """Committing a shard exactly once, and checking committed shards.
 
-A shard is written into ``.tmp-shard-NNNNN-<random>/`` with its files fsynced and its
-``shard.json`` (samples, per-file sizes and sha256) written last, then renamed to
+A shard is written into ``.tmp-shard-NNNNN-<random>/`` with its files (the store's arrays or tars
+and the columnar sample index, ``index/``) fsynced and its ``shard.json`` (range, sample count,
+skipped inputs, per-file sizes and sha256; no per-sample data) written last, then renamed to
 ``shard-NNNNN/``. The rename is the commit: a folder named ``shard-*`` is complete by
 construction, a ``.tmp-*`` folder never counts and is removed on the next run. A second writer of
 the same shard (a retried Ray task) finds the shard committed and discards its own copy.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .sample_index import INDEX_DIR, write_index
 from .schema import SHARD_META, SHARD_PREFIX, RoleSpec, file_sha256, shard_name, write_json_atomic
 from .stores import store_module
 
@@ -48,7 +50,7 @@ def shard_record(meta: dict) -> dict:
         "name": meta["name"],
         "start": meta["start"],
         "end": meta["end"],
-        "samples": len(meta["samples"]),
+        "samples": meta["num_samples"],
         "bytes": sum(f["bytes"] for f in meta["files"].values()),
         "sha256": _digest(meta["files"]),
     }
@@ -63,8 +65,10 @@ def record_mismatch(meta: dict, record: dict) -> str:
 
 def commit_shard(root: Path, index: int, start: int, end: int, fmt: str, specs: dict[str, RoleSpec],
                  fields: dict[str, np.ndarray], samples: list[dict], skipped: list[dict], num_views: int,
-                 level: int = 3) -> dict:
-    """Write and atomically commit shard ``index`` (samples [start, end) of the listing); returns its record."""
+                 level: int = 3, view_width: int = 5) -> dict:
+    """Write and atomically commit shard ``index`` (samples [start, end) of the listing); returns its record.
+
+    samples: the shard's sample records (see ``sample_index.write_index``), stored as its columnar index."""
     root = Path(root)
     name = shard_name(index)
     final = root / name
@@ -74,13 +78,14 @@ def commit_shard(root: Path, index: int, start: int, end: int, fmt: str, specs: 
     try:
         tmp.mkdir(parents=True)
         store_module(fmt).write_shard(tmp, specs, fields, samples, num_views, level)
+        write_index(tmp / INDEX_DIR, samples, num_views, view_width)
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
             files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         meta = {"name": name, "index": index, "start": start, "end": end, "format": fmt, "num_views": num_views,
-                "samples": samples, "skipped": skipped, "files": files}
+                "num_samples": len(samples), "skipped": skipped, "files": files}
         write_json_atomic(tmp / SHARD_META, meta)
         _fsync_dir(tmp)
         try:

@@ -38,7 +38,7 @@ from .reader import CacheReader
 from .recipes import recipe as named_recipe
 from .train_data import ModelInput, ViewDataset, collate_skipping
 
-__all__ = ["train", "export_student", "evaluate", "CheckpointWriteError", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
+__all__ = ["train", "export_student", "evaluate", "check_relocated_dataset", "CheckpointWriteError", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
 
 CHECKPOINT, STUDENT_FILE, METRICS_FILE, PLOT_FILE = "checkpoint.pt", "student.safetensors", "metrics.jsonl", "curves.png"
 
@@ -54,8 +54,12 @@ def _model_input(cfg: dict, size=None) -> ModelInput:
 
 def build_run(spec: TrainSpec, device: torch.device):
     """Everything the loop needs: reader, dataset, distiller, online source (or None), recipe."""
-    reader = CacheReader(spec.cache)
-    teacher = reader.manifest["teacher"]
+    if spec.data_root:
+        check_relocated_dataset(spec.cache, spec.data_root)
+    reader = CacheReader(spec.cache, data_root=spec.data_root)
+    teacher = dict(reader.manifest["teacher"])
+    if spec.teacher_checkpoint:  # the same weights at another path: build_late / load_teacher check its sha256
+        teacher["checkpoint"] = str(Path(spec.teacher_checkpoint).resolve())
     check_teacher_matches(teacher, spec.teacher, spec.cache)
     missing = {"final", "logits"} - set(reader.specs)
     if missing:
@@ -69,9 +73,12 @@ def build_run(spec: TrainSpec, device: torch.device):
 
         if not teacher.get("checkpoint") and not teacher.get("pretrained"):
             torch.manual_seed(teacher.get("seed") or 0)  # the cache's random teacher (tests, benchmarks)
-        split, _ = load_teacher(teacher["name"], checkpoint=teacher.get("checkpoint"),
-                                pretrained=teacher.get("pretrained", False), late_blocks=teacher.get("late_blocks") or 2,
-                                device=device, **(teacher.get("kwargs") or {}))
+        split, sha = load_teacher(teacher["name"], checkpoint=teacher.get("checkpoint"),
+                                  pretrained=teacher.get("pretrained", False), late_blocks=teacher.get("late_blocks") or 2,
+                                  device=device, **(teacher.get("kwargs") or {}))
+        if teacher.get("checkpoint_sha256") and sha != teacher["checkpoint_sha256"]:
+            raise CacheMismatchError(f"teacher checkpoint {teacher['checkpoint']} has sha256 {sha}, but the cache was "
+                                     f"made from sha256 {teacher['checkpoint_sha256']}")
         online, late = OnlineTargets(split), split.late
     else:
         late = build_late(teacher, device)
@@ -86,8 +93,39 @@ def build_run(spec: TrainSpec, device: torch.device):
     return reader, data, distiller, online, rec
 
 
+def check_relocated_dataset(cache, data_root) -> None:
+    """A cache replayed from a dataset at another place must list the same samples: re-list it
+    there and compare the listing's sha256 with the one the cache was made from."""
+    from .datasets import list_dataset, listing_sha256, relocate_spec
+    from .schema import read_manifest
+
+    m = read_manifest(cache)
+    relative = m.get("dataset", {}).get("relative_spec")
+    if relative is None:
+        raise CacheMismatchError(f"cache {cache} does not record its dataset relative to a root; it cannot be relocated")
+    refs, _, _ = list_dataset(relocate_spec(relative, data_root))
+    want = m["config"]["dataset_listing_sha256"]
+    if listing_sha256(refs) != want:
+        raise CacheMismatchError(f"dataset under --data-root {data_root} lists {len(refs)} samples whose keys and labels "
+                                 f"differ from those the cache {cache} was made from ({m['dataset']['listed']} listed, "
+                                 f"listing sha256 {want[:16]}…); is it the same dataset?")
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    """Validation images through timm's eval transform, for a DataLoader's workers."""
+
+    def __init__(self, refs, transform):
+        self.refs, self.transform = refs, transform
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        return self.transform(_val_image(self.refs[i])), self.refs[i].label
+
+
 def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, batch_size: int = 64,
-             world: World | None = None) -> dict:
+             world: World | None = None, workers: int = 0) -> dict:
     """top-1/top-5 (%) of a timm classifier on a labelled dataset, with timm's own eval transform
     (resize, centre crop by crop_pct, normalise) at input_size (3, H, W) or the model's default.
 
@@ -108,11 +146,13 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
     was = model.training
     model.eval()
     correct1 = correct5 = 0
+    # Decoding in workers (50 k ImageNet images decoded serially take minutes an epoch).
+    loader = DataLoader(_EvalImages(refs, transform), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda" if isinstance(device, torch.device) else False,
+                        multiprocessing_context="fork" if workers else None)
     with torch.inference_mode():
-        for i in range(0, len(refs), batch_size):
-            chunk = refs[i : i + batch_size]
-            x = torch.stack([transform(_val_image(r)) for r in chunk]).to(device)
-            y = torch.tensor([r.label for r in chunk], device=device)
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
             top5 = model(x).topk(5, dim=-1).indices
             correct1 += (top5[:, 0] == y).sum().item()
             correct5 += (top5 == y[:, None]).any(-1).sum().item()
@@ -323,7 +363,8 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         seconds = time.perf_counter() - t0
         if world:  # running BN statistics: DDP copies rank 0's buffers before each forward; their mean, as timm's train.py
             timm.utils.distribute_bn(trainable, world.size, reduce=True)
-        val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size, world=world)
+        val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size, world=world,
+                       workers=spec.workers)
         record = {"epoch": epoch, "view": data.view_of(epoch), "train": {k: v / max(seen, 1) for k, v in sums.items()},
                   "val": val, "lr": opt.param_groups[0]["lr"], "samples": seen, "seconds": round(seconds, 2),
                   "samples_per_s": round(seen / seconds, 2) if seconds else None}
@@ -376,6 +417,7 @@ def _read_checkpoint(path: Path, spec: TrainSpec) -> dict | None:
 
 def _resume_key(spec: TrainSpec) -> str:
     d = spec.to_dict()
-    for volatile in ("workers", "device", "output", "verify_fingerprints", "on_corrupt", "channels_last"):
+    for volatile in ("workers", "device", "output", "verify_fingerprints", "on_corrupt", "channels_last", "data_root",
+                     "teacher_checkpoint"):
         d.pop(volatile, None)
     return json.dumps(d, sort_keys=True)

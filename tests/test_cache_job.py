@@ -27,6 +27,7 @@ from pipeline.cache_job import CacheConfigError
 from pipeline.datasets import DatasetError, list_dataset, load_image
 from pipeline.inspect_cache import verify
 from pipeline.reader import CacheReader
+from pipeline.sample_index import SampleIndex, index_files
 from pipeline.shards import CacheWriteError, verify_shard
 from pipeline.stores import STORES
 from pipeline.views import ViewParams, fingerprint, sample_views
@@ -82,7 +83,7 @@ def test_manifest_records_teacher_views_roles_shards_skipped_and_versions(base, 
     root = base.by_format[fmt].root
     m = manifest(root)
     info = base.split.info
-    assert m["format"] == fmt and m["complete"] is True and m["schema_version"] == 1
+    assert m["format"] == fmt and m["complete"] is True and m["schema_version"] == 2
     # teacher: name, the checkpoint's real sha256, the split and the preprocessing
     t = m["teacher"]
     assert t["name"] == TEACHER_NAME and t["kwargs"] == TEACHER_KWARGS
@@ -109,6 +110,14 @@ def test_manifest_records_teacher_views_roles_shards_skipped_and_versions(base, 
     assert [s["name"] for s in m["shards"]] == [f"shard-{i:05d}" for i in range(4)]
     assert [(s["start"], s["end"]) for s in m["shards"]] == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert [s["samples"] for s in m["shards"]] == [3, 3, 3, 0]  # the last shard's only image is the corrupt one
+    # the consolidated columnar index: every file checksummed; sources relative to the recorded dataset root
+    assert m["dataset"]["root"] == str(base.data) and m["dataset"]["relative_spec"]["root"] == "."
+    assert m["index"]["samples"] == 9 and sorted(m["index"]["files"]) == sorted(index_files())
+    for name, f in m["index"]["files"].items():
+        assert hashlib.sha256((root / "index" / name).read_bytes()).hexdigest() == f["sha256"]
+    index = SampleIndex.open(root / "index")
+    assert index.string("source", 0) == index.string("key", 0) .split("/")[0] + "/" + Path(index.string("source", 0)).name
+    assert not Path(index.string("source", 0)).is_absolute() and (base.data / index.string("source", 0)).is_file()
     for s in m["shards"]:
         assert s["bytes"] > 0 and len(s["sha256"]) == 64
         meta = json.loads((root / s["name"] / "shard.json").read_text())
@@ -335,7 +344,7 @@ def test_a_retried_shard_write_keeps_the_committed_copy(base, tmp_path, monkeypa
     task = {"shard": 1, "start": 3, "end": 6,
             "refs": json.dumps([asdict(r) for r in list_dataset(spec.dataset)[0][3:6]])}
     row = TeacherForward(spec.teacher, str(base.ckpt), list(spec.roles), 16)(
-        render_views(task, spec.views, tuple(info.input_size[1:]), info.interpolation))
+        render_views(task, spec.views, tuple(info.input_size[1:]), info.interpolation, m["dataset"]["root"]))
     specs = dict(m["roles"])
     if race:  # the shard appears (another attempt's rename) while this attempt writes its own copy
         committed_copy = tmp_path / "stash"
@@ -418,6 +427,9 @@ def _keys_in_shard_files(root: Path, fmt: str) -> list[str]:
     keys = []
     for folder in sorted(root.glob("shard-*")):
         meta = json.loads((folder / "shard.json").read_text())
+        index = SampleIndex.open(folder / "index")
+        shard_keys = [index.string("key", i) for i in range(len(index))]
+        assert len(index) == meta["num_samples"], folder.name
         if fmt == "webdataset":
             per_view = []
             for tar_path in sorted(folder.glob("v*.tar")):
@@ -425,11 +437,12 @@ def _keys_in_shard_files(root: Path, fmt: str) -> list[str]:
                     per_view.append([json.loads(tar.extractfile(m).read())["key"] for m in tar.getmembers()
                                      if m.name.endswith(".json")])
             assert all(v == per_view[0] for v in per_view), folder.name
+            assert per_view[0] == shard_keys, folder.name
             keys += per_view[0]
         else:
             for role in ("final", "mid", "logits"):
-                assert zarr.open_array(str(folder / role), mode="r").shape[0] == len(meta["samples"]), folder.name
-            keys += [s["key"] for s in meta["samples"]]
+                assert zarr.open_array(str(folder / role), mode="r").shape[0] == len(index), folder.name
+            keys += shard_keys
     return keys
 
 
@@ -826,6 +839,7 @@ def test_a_failing_driver_closes_the_local_pipeline_and_commits_nothing_more(bas
         return real(path, data)
 
     monkeypatch.setattr(cj, "write_json_atomic", failing_manifest)
+    monkeypatch.setattr(cj, "SAVE_EVERY", 1)  # a manifest write after every commit
     out = tmp_path / "closed"
     with pytest.raises(OSError, match="No space left on device"):
         run(_spec(base, out), local_threads=2)

@@ -4,6 +4,8 @@ An epoch that uses view k reads only the v{k}.tar files, streamed in order by pl
 (``webdataset.WebDataset("cache/shard-{00000..00099}/v0.tar")``) or by index, as our reader does.
 Each sample of a tar: ``s<index>.json`` (key, label, view parameters, fingerprint) and one
 ``s<index>.<field>.npy`` per stored field. Only .npy and .json entries exist; nothing is pickled.
+``entries.npy`` beside the tars records every .npy entry's data offset, size and crc32 at commit
+time, so a read is one pread per field with no tar header parsed, and every read is checked.
 
 Written with the standard tarfile module rather than webdataset's TarWriter: headers are stamped
 with mtime 0 and a fixed owner, so re-running a shard gives byte-identical files and checksums.
@@ -12,24 +14,32 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from ..schema import RoleSpec
 
-__all__ = ["write_shard", "open_shard", "member_name"]
+__all__ = ["write_shard", "open_shard", "member_name", "ENTRIES", "field_order"]
 
 
 def member_name(index: int, field: str) -> str:
     return f"s{index:08d}.{field}.npy"
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+ENTRIES = "entries.npy"  # int64 (K, n, fields, 3): data offset, size and crc32 of every .npy entry
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> int:
+    """Append one member; returns the offset of its data in the tar."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uname, info.gname = len(payload), 0, 0o644, "scalekd", "scalekd"
+    header = tar.offset
     tar.addfile(info, io.BytesIO(payload))
+    return header + tarfile.BLOCKSIZE  # a USTAR header is one block (names here are short)
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -38,48 +48,75 @@ def _npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def field_order(specs: dict[str, RoleSpec]) -> list[tuple[str, tuple[int, ...], str]]:
+    """(field, shape, dtype) in the order of the entries table's third axis."""
+    return [(f, shape, dtype) for spec in specs.values() for f, (shape, dtype) in spec.fields().items()]
+
+
 def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.ndarray], samples: list[dict],
                 num_views: int, level: int = 3) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    order = field_order(specs)
+    entries = np.zeros((num_views, len(samples), len(order), 3), np.int64)
     for view in range(num_views):
         with tarfile.open(folder / f"v{view}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for row, s in enumerate(samples):
                 meta = {"key": s["key"], "label": s["label"], "index": s["index"], "view_index": view,
                         "view": s["views"][view], "fingerprint": s["fingerprints"][view]}
                 _add(tar, f"s{s['index']:08d}.json", json.dumps(meta).encode())
-                for spec in specs.values():
-                    for field in spec.fields():
-                        _add(tar, member_name(s["index"], field), _npy(fields[field][row, view]))
+                for j, (field, _, _) in enumerate(order):
+                    payload = _npy(fields[field][row, view])
+                    offset = _add(tar, member_name(s["index"], field), payload)
+                    entries[view, row, j] = (offset, len(payload), zlib.crc32(payload))
+    np.save(folder / ENTRIES, entries, allow_pickle=False)
 
 
 class TarShard:
-    def __init__(self, folder: Path, specs: dict[str, RoleSpec], meta: dict):
-        self.folder, self.specs = Path(folder), specs
-        self.indices = [s["index"] for s in meta["samples"]]
-        self._index: dict[int, dict[str, tuple[int, int]]] = {}
+    """A committed shard's tars, read by the offsets recorded at commit: one pread per field, its
+    crc32 checked on every read (a flipped byte is an error, not a wrong target)."""
 
-    def _members(self, view: int) -> dict[str, tuple[int, int]]:
-        # Member name → (data offset, size), from the headers alone.
-        if view not in self._index:
-            with tarfile.open(self.folder / f"v{view}.tar", "r:") as tar:
-                self._index[view] = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
-        return self._index[view]
+    def __init__(self, folder: Path, specs: dict[str, RoleSpec], meta: dict | None = None):
+        self.folder, self.specs = Path(folder), specs
+        self.order = field_order(specs)
+        self.column = {f: j for j, (f, _, _) in enumerate(self.order)}
+        self.entries = np.load(self.folder / ENTRIES, allow_pickle=False)
+        if self.entries.ndim != 4 or self.entries.shape[2:] != (len(self.order), 3):
+            raise ValueError(f"{self.folder / ENTRIES}: shape {self.entries.shape}, expected (views, samples, "
+                             f"{len(self.order)}, 3)")
+        # The .npy header of each field, as written: a read compares bytes instead of parsing it.
+        self.headers = {f: _npy(np.zeros(shape, dtype))[: -int(np.prod(shape)) * np.dtype(dtype).itemsize or None]
+                        for f, shape, dtype in self.order}
+        self._fds: dict[int, int] = {}
+
+    def _fd(self, view: int) -> int:
+        if view not in self._fds:
+            self._fds[view] = os.open(self.folder / f"v{view}.tar", os.O_RDONLY)
+        return self._fds[view]
 
     def read(self, row: int, view: int, roles=None) -> dict[str, np.ndarray]:
-        members, index = self._members(view), self.indices[row]
-        out = {}
-        with open(self.folder / f"v{view}.tar", "rb") as f:
-            for name in roles or self.specs:
-                for field in self.specs[name].fields():
-                    member = member_name(index, field)
-                    if member not in members:
-                        raise KeyError(f"{self.folder / f'v{view}.tar'}: entry {member} is missing")
-                    offset, size = members[member]
-                    f.seek(offset)
-                    out[field] = np.load(io.BytesIO(f.read(size)), allow_pickle=False)
+        out, fd = {}, self._fd(view)
+        for name in roles or self.specs:
+            for field, (shape, dtype) in self.specs[name].fields().items():
+                offset, size, crc = (int(v) for v in self.entries[view, row, self.column[field]])
+                payload = os.pread(fd, size, offset)
+                where = f"{self.folder / f'v{view}.tar'}: entry {field} of row {row}"
+                if len(payload) != size:
+                    raise ValueError(f"{where} is cut short ({len(payload)} of {size} bytes)")
+                if zlib.crc32(payload) != crc:
+                    raise ValueError(f"{where} fails its crc32 (the tar is damaged; run inspect-shards --verify)")
+                header = self.headers[field]
+                if payload.startswith(header) and len(payload) - len(header) == int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                    out[field] = np.frombuffer(payload, dtype, offset=len(header)).reshape(shape)
+                else:  # written by another numpy (other header padding): parse it
+                    out[field] = np.load(io.BytesIO(payload), allow_pickle=False)
         return out
 
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
-def open_shard(folder: Path, specs: dict[str, RoleSpec], meta: dict) -> TarShard:
-    """meta: the shard's shard.json."""
+
+def open_shard(folder: Path, specs: dict[str, RoleSpec], meta: dict | None = None) -> TarShard:
+    """meta: the shard's shard.json (unused here)."""
     return TarShard(folder, specs, meta)
