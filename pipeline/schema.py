@@ -118,7 +118,7 @@ def encode(spec: RoleSpec, x: np.ndarray) -> dict[str, np.ndarray]:
 def decode(spec: RoleSpec, fields: dict[str, np.ndarray]) -> np.ndarray:
     """{field: array} → float32 (..., *spec.shape)."""
     if spec.codec in ("fp32", "fp16"):
-        return np.asarray(fields[spec.name], dtype=np.float32)
+        return np.array(fields[spec.name], dtype=np.float32)  # a writable copy (stores read into read-only buffers)
     n = spec.name
     x = fields[f"{n}_q"].astype(np.float32) * fields[f"{n}_scale"]
     if spec.codec == "int8dc":

@@ -58,12 +58,13 @@ class _FieldFile:
     v3's sharding codec as this store writes it (checked against the array's zarr.json); any other
     layout is read through zarr itself."""
 
-    def __init__(self, folder: Path, field: str, shape: tuple[int, ...], dtype: str):
+    def __init__(self, folder: Path, field: str):
         meta = json.loads((folder / field / "zarr.json").read_text())
         n, k = meta["shape"][:2]
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype).newbyteorder("<")
+        # The array's own shape and dtype (the reader checks them against the manifest's declaration).
+        self.shape, self.dtype = tuple(meta["shape"][2:]), np.dtype(meta["data_type"]).newbyteorder("<")
         self.fd = None
-        if not _fast_layout(meta, shape) or n == 0:
+        if not _fast_layout(meta, self.shape) or n == 0:
             self.array = zarr.open_array(str(folder / field), mode="r")
             return
         path = folder / field / "c" / "/".join("0" * len(meta["shape"]))
@@ -121,16 +122,13 @@ class ZarrShard:
         self.folder, self.specs = Path(folder), specs
         self._fields: dict[str, _FieldFile] = {}
 
-    def _field(self, field: str, shape, dtype) -> _FieldFile:
-        if field not in self._fields:
-            self._fields[field] = _FieldFile(self.folder, field, shape, dtype)
-        return self._fields[field]
-
     def read(self, row: int, view: int, roles=None) -> dict[str, np.ndarray]:
         out = {}
         for name in roles or self.specs:
-            for field, (shape, dtype) in self.specs[name].fields().items():
-                out[field] = self._field(field, shape, dtype).read(row, view)
+            for field in self.specs[name].fields():
+                if field not in self._fields:
+                    self._fields[field] = _FieldFile(self.folder, field)
+                out[field] = self._fields[field].read(row, view)
         return out
 
     def close(self) -> None:
