@@ -44,9 +44,33 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
             full = (len(samples), num_views, *shape)
             if data.shape != full:
                 raise ValueError(f"field {field}: expected {full}, found {data.shape}")
-            arr = group.create_array(field, shape=full, chunks=(1, 1, *shape), shards=full, dtype=dtype,
-                                     compressors=ZstdCodec(level=level, checksum=True), fill_value=0)
-            arr[...] = data
+            # zarr writes the array's metadata; the one shard file is written here (see _write_shard_file).
+            group.create_array(field, shape=full, chunks=(1, 1, *shape), shards=full, dtype=dtype,
+                               compressors=ZstdCodec(level=level, checksum=True), fill_value=0)
+            if len(samples):
+                _write_shard_file(folder / field / "c" / "/".join("0" * len(full)), data, dtype, level)
+
+
+def _write_shard_file(path: Path, data: np.ndarray, dtype: str, level: int) -> None:
+    """The sharding codec's file, as zarr's own reader reads it: every (1, 1, *shape) chunk as
+    little-endian bytes through zstd (with its checksum), back to back in C order, then the index
+    ((offset, size) uint64 per chunk) and its crc32c. zarr's own ``arr[...] = data`` takes 0.38 s for
+    a 256 × 4-view shard of tiny arrays (per-chunk asyncio tasks); this takes a few milliseconds,
+    and the chunks' bytes are the same (numcodecs' Zstd is zarr's zstd codec)."""
+    codec = Zstd(level=level, checksum=True)
+    n, k = data.shape[:2]
+    flat = np.ascontiguousarray(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(n * k, -1)
+    chunks = [codec.encode(row) for row in flat]
+    sizes = np.fromiter((len(c) for c in chunks), np.uint64, len(chunks))
+    index = np.empty((len(chunks), 2), "<u8")
+    index[:, 1] = sizes
+    index[:, 0] = np.cumsum(sizes) - sizes
+    raw = index.tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"".join(chunks))
+        f.write(raw)
+        f.write(google_crc32c.value(raw).to_bytes(4, "little"))
 
 
 _NO_CHUNK = 2**64 - 1  # zarr's shard-index entry for a chunk never written (all fill value)
