@@ -18,15 +18,11 @@ skips committed shards, and a retried task finds its shard committed and discard
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
-import platform
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,9 +33,10 @@ from scalekd.teacher import TeacherInfo, split_teacher, teacher_family
 
 from .datasets import BadImage, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
 from .job_spec import CacheSpec, work_dir
-from .sample_index import ARRAY_COLUMNS, COLUMNS_DOC, INDEX_DIR, STRING_COLUMNS
-from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, encode, shard_name, write_json_atomic
-from .shards import CacheWriteError, commit_shard, committed_shards, remove_temporaries, shard_record
+from .ledger import LAYOUT, Ledger, package_versions
+from .sample_index import COLUMNS_DOC
+from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, encode, shard_name
+from .shards import CacheWriteError, commit_shard, remove_temporaries
 from .views import VIEW_FIELDS, fingerprint, render_view, sample_views
 from .weights import export_demo_teacher, file_sha256, load_teacher
 
@@ -47,7 +44,6 @@ __all__ = ["run_cache_job", "CacheConfigError", "resolve_checkpoint", "teacher_i
            "TeacherForward", "write_shard"]
 
 BUILTIN_DEMO_TEACHER = "builtin:efficientnet-lite0"
-SAVE_EVERY, SAVE_SECONDS = 64, 30.0  # manifest rewrites while the job runs (and always at its end)
 
 
 class CacheConfigError(ValueError):
@@ -254,16 +250,15 @@ def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_k
         writer.shutdown(wait=True, cancel_futures=True)
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "timm", "numpy", "zarr", "numcodecs", "webdataset", "ray", "pillow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+def shard_tasks(refs: list[SampleRef], per_shard: int, done=()) -> list[dict]:
+    """One task per shard not in ``done``: {shard, start, end, refs (JSON of its SampleRefs)}."""
+    tasks = []
+    for i in range(-(-len(refs) // per_shard)):
+        if i in done:
+            continue
+        start, end = i * per_shard, min(len(refs), (i + 1) * per_shard)
+        tasks.append({"shard": i, "start": start, "end": end, "refs": json.dumps([asdict(r) for r in refs[start:end]])})
+    return tasks
 
 
 def _config(spec: CacheSpec, sha: str | None, refs: list[SampleRef]) -> dict:
@@ -314,38 +309,12 @@ def _prepare_output(root: Path, config: dict, overwrite: bool) -> None:
         raise CacheWriteError(f"cannot write to output {root}: {os.strerror(e.errno) if e.errno else e}") from None
 
 
-_LAYOUT = {
-    "zarr": {"shard": "shard-NNNNN/ is a zarr v3 group (shard.json and index/ beside its arrays); array <field> has "
-                      "shape (samples, views, *field shape) and chunk (1, 1, *field shape): one chunk per view"},
-    "webdataset": {"shard": "shard-NNNNN/v<k>.tar holds view k of every sample of the shard: s<index>.json "
-                            "(key, label, view, fingerprint) and s<index>.<field>.npy; entries.npy (views, samples, "
-                            "fields, 3) int64 holds each .npy entry's data offset, size and crc32 (fields in the "
-                            "order of roles, then each role's fields); shard.json and index/ beside them"},
-    "roles": {
-        "final": "teacher tokens (N, C) on teacher.final_hw, row-major, CLS/register tokens dropped; the DC-removed "
-                 "view is final minus its mean over tokens (per channel), not stored",
-        "mid": "tokens (L, C) on teacher.mid_hw, the late part's input; plain ViTs: num_prefix_tokens prefix tokens first",
-        "logits": "teacher logits (classes,)",
-        "int8": "codec int8 stores <role>_q (int8) and <role>_scale (float32): value = q * scale",
-        "int8dc": "codec int8dc stores <role>_q (int8), <role>_scale and <role>_dc (float32): value = q * scale + dc",
-        "view": "view = [top, left, height, width] as fractions of the original image, then flip (0/1); the model's "
-                "input is that box resized to its input size with its interpolation, flipped if flip",
-        "sample index": "per-sample metadata is columnar: shard-NNNNN/index/ for each shard, and index/ at the root "
-                        "(all shards in manifest order, written when the cache is complete; listed under 'index' "
-                        "with each file's bytes and sha256); sample i of the cache is row i of every column",
-    },
-}
-
-
-def _manifest(spec, info, ckpt, sha, specs, config, listed, classes, data_root, listing_skipped, records, skipped,
-              complete, index=None) -> dict:
-    """records: shard index → the shard's manifest record; skipped: shard index → its skipped inputs."""
-    shards = [records[i] for i in sorted(records)]
+def _manifest_header(spec, info, ckpt, sha, specs, config, listed, classes, data_root) -> dict:
+    """The manifest's fixed part (the Ledger adds shards, counts, index and skipped inputs)."""
     return {
         "format": spec.format,
         "schema_version": SCHEMA_VERSION,
         "name": spec.name,
-        "complete": complete,
         "config": config,
         "teacher": info.to_dict() | {"checkpoint": ckpt, "checkpoint_sha256": sha,
                                      "pretrained": bool(spec.teacher.get("pretrained", False)),
@@ -357,70 +326,11 @@ def _manifest(spec, info, ckpt, sha, specs, config, listed, classes, data_root, 
         "roles": {name: s.to_dict() | {"compressor": f"zstd(level={spec.compression_level}, checksum)"
                                        if spec.format == "zarr" else "none (plain .npy in tar, crc32 in entries.npy)"}
                   for name, s in specs.items()},
-        "layout": _LAYOUT[spec.format] | _LAYOUT["roles"] | {"index": COLUMNS_DOC},
+        "layout": LAYOUT[spec.format] | LAYOUT["roles"] | {"index": COLUMNS_DOC},
         "samples_per_shard": spec.samples_per_shard,
-        "num_samples": sum(r["samples"] for r in shards),
         "num_views": spec.views.per_image,
-        "num_shards_expected": -(-listed // spec.samples_per_shard),
-        "shards": shards,
-        "index": index,
-        "skipped": list(listing_skipped) + [x for i in sorted(skipped) for x in skipped[i]],
-        "versions": _versions(),
+        "versions": package_versions(),
     }
-
-
-def consolidate_index(root: Path, records: dict[int, dict]) -> dict:
-    """The shards' indices as one folder ``index/`` at the cache root, streamed column by column
-    (a driver never holds a whole column) and renamed into place; returns its manifest entry
-    {samples, files: {name: {bytes, sha256}}}."""
-    root = Path(root)
-    names = [records[i]["name"] for i in sorted(records)]
-    tmp = root / f".tmp-index-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    files = {}
-    for column in ARRAY_COLUMNS:
-        parts = [np.load(root / n / INDEX_DIR / f"{column}.npy", mmap_mode="r") for n in names]
-        first = parts[0]
-        shape = (sum(len(p) for p in parts), *first.shape[1:])
-        files[f"{column}.npy"] = _stream(tmp / f"{column}.npy", parts, header={"descr": np.lib.format.dtype_to_descr(
-            first.dtype), "fortran_order": False, "shape": shape})
-        del parts
-    for column in STRING_COLUMNS:
-        blobs = [root / n / INDEX_DIR / f"{column}.bin" for n in names]
-        files[f"{column}.bin"] = _stream(tmp / f"{column}.bin", (np.fromfile(b, np.uint8) for b in blobs))
-        offsets, base = [np.zeros(1, np.int64)], 0
-        for n in names:  # (n+1,) per shard, rebased: about 16 bytes a sample in memory, briefly
-            off = np.load(root / n / INDEX_DIR / f"{column}_offsets.npy")
-            offsets.append(off[1:] + base)
-            base += int(off[-1])
-        files[f"{column}_offsets.npy"] = _stream(tmp / f"{column}_offsets.npy", [np.concatenate(offsets)],
-                                                 header={"descr": "<i8", "fortran_order": False,
-                                                         "shape": (sum(len(o) for o in offsets),)})
-    for path in tmp.iterdir():
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-    final = root / INDEX_DIR
-    if final.exists():  # a consolidation the manifest never recorded (a kill in between): ours, redone
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    return {"samples": sum(r["samples"] for r in records.values()), "files": files,
-            "columns": COLUMNS_DOC}
-
-
-def _stream(path: Path, parts, header: dict | None = None) -> dict:
-    """Write arrays back to back (after a .npy header) and hash them on the way: {bytes, sha256}."""
-    h = hashlib.sha256()
-    with open(path, "wb") as f:
-        if header is not None:
-            buf = io.BytesIO()
-            np.lib.format.write_array_header_1_0(buf, header)
-            f.write(buf.getvalue())
-            h.update(buf.getvalue())
-        for part in parts:
-            data = np.ascontiguousarray(part).tobytes()
-            f.write(data)
-            h.update(data)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def _init_ray(address: str | None):
@@ -467,43 +377,21 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
     removed = remove_temporaries(root)
     if removed:
         log(f"removed {len(removed)} half-written shard(s) from an interrupted run: {', '.join(removed[:5])}")
-    # The driver keeps each shard's record and skipped inputs, never its samples.
-    records, skipped = {}, {}
-    for i, meta in committed_shards(root).items():
-        records[i], skipped[i] = shard_record(meta), meta.get("skipped", [])
     data_root = dataset_root(spec.dataset, refs)
-    listed = len(refs)
-    last_save = [0, time.monotonic()]  # commits and time at the last manifest write
-
-    def save(complete: bool, index: dict | None = None):
-        write_json_atomic(root / MANIFEST, _manifest(spec, info, ckpt, sha, specs, config, listed, classes, data_root,
-                                                     listing_skipped, records, skipped, complete, index))
-        last_save[:] = [len(records), time.monotonic()]
-
-    def finish() -> bool:
-        """The final manifest (with the consolidated index when every shard is in); True when complete."""
-        complete = len(records) == n_shards
-        index = consolidate_index(root, records) if complete and records else None
-        save(complete, index)
-        return complete
-
     n_shards = -(-len(refs) // spec.samples_per_shard)
-    tasks = []
-    for i in range(n_shards):
-        if i in records:
-            continue
-        start, end = i * spec.samples_per_shard, min(len(refs), (i + 1) * spec.samples_per_shard)
-        tasks.append({"shard": i, "start": start, "end": end,
-                      "refs": json.dumps([asdict(r) for r in refs[start:end]])})
+    ledger = Ledger(root, _manifest_header(spec, info, ckpt, sha, specs, config, len(refs), classes, data_root),
+                    n_shards, listing_skipped)
+    tasks = shard_tasks(refs, spec.samples_per_shard, done=ledger)
+    del refs  # the tasks hold what the workers need
     if max_shards is not None:
         tasks = tasks[:max_shards]
-    save(complete=False)  # first: from here on the folder is a cache
+    ledger.save()  # first: from here on the folder is a cache
     if spec.format == "zarr":
         from .stores.zarr_store import write_root
 
         write_root(root)
-    if records:
-        log(f"resuming: {len(records)} of {n_shards} shards already committed in {root}")
+    if len(ledger):
+        log(f"resuming: {len(ledger)} of {n_shards} shards already committed in {root}")
 
     render_kw = dict(views=spec.views, input_size=tuple(info.input_size[1:]), interpolation=info.interpolation,
                      data_root=str(data_root))
@@ -514,7 +402,7 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
 
     from tqdm import tqdm
 
-    bar = tqdm(total=n_shards, initial=len(records), unit="shard", desc=f"caching {spec.name}",
+    bar = tqdm(total=n_shards, initial=len(ledger), unit="shard", desc=f"caching {spec.name}",
                disable=not progress, file=sys.stderr)
     started_ray, new_samples, per_node, results = False, 0, {}, None
     try:
@@ -546,30 +434,25 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
         for row in results:
             record = json.loads(row["record"])
             index = int(record["name"].split("-")[1])
-            if index in records:  # the same shard reported twice: count it once
+            if index in ledger:  # the same shard reported twice: count it once
                 continue
             meta = root / record["name"] / "shard.json"
             if not meta.is_file():
                 raise CacheWriteError(f"{record['name']} was committed by a Ray worker but {meta} does not exist on "
                                       f"the driver's node: the output must be on a filesystem every node mounts at "
                                       f"the same path")
-            records[index], skipped[index] = record, json.loads(meta.read_text()).get("skipped", [])
+            ledger.add(index, record, json.loads(meta.read_text()).get("skipped", []))
             new_samples += record["samples"]
             per_node[row["node"]] = per_node.get(row["node"], 0) + 1
-            # The manifest is brought up to date every SAVE_EVERY commits or SAVE_SECONDS, not on every
-            # commit (rewriting it per commit is quadratic in the job: 2.5 GB at ImageNet size). The
-            # shard folders are the truth: a killed run resumes from them, whatever the manifest says.
-            if len(records) - last_save[0] >= SAVE_EVERY or time.monotonic() - last_save[1] >= SAVE_SECONDS:
-                save(complete=False)
             bar.update(1)
         # A worker killed while writing leaves its .tmp-shard-*; the retry committed the shard and
         # every attempt has ended now, so what is left is garbage (inspect --verify would flag it).
         removed = remove_temporaries(root)
         if removed:
             log(f"removed {len(removed)} copy(ies) left by killed shard writers: {', '.join(removed[:5])}")
-        finish()
+        ledger.finish()
     except Exception as e:
-        save(complete=False)
+        ledger.save()
         cause = _root_cause(e)
         if isinstance(cause, (CacheWriteError, FloatingPointError)):
             raise cause from None

@@ -827,7 +827,7 @@ def test_local_engine_rendering_in_processes_writes_the_same_cache(base, tmp_pat
 def test_a_failing_driver_closes_the_local_pipeline_and_commits_nothing_more(base, tmp_path, monkeypatch):
     """When the driver's own step fails (here: the manifest cannot be written), the local engine's
     render pool and writer are shut down at once: no shard beyond those already in flight lands."""
-    import pipeline.cache_job as cj
+    import pipeline.ledger as cj
 
     real = cj.write_json_atomic
     calls = []
