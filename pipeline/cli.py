@@ -75,7 +75,14 @@ def cache_teacher(
         if views is not None:
             from dataclasses import replace
 
-            spec.views = replace(spec.views, per_image=views)
+            from pydantic import ValidationError
+
+            from .job_spec import spec_error
+
+            try:
+                spec.views = replace(spec.views, per_image=views)
+            except ValidationError as e:
+                raise spec_error(e, "--views", "views") from None
         summary = run_cache_job(spec, overwrite=overwrite, engine=engine, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, DatasetError, CacheConfigError, CacheWriteError, FloatingPointError) as e:
         typer.echo(f"error: {e}", err=True)

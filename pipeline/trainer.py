@@ -376,6 +376,7 @@ def _read_checkpoint(path: Path, spec: TrainSpec) -> dict | None:
 
 def _resume_key(spec: TrainSpec) -> str:
     d = spec.to_dict()
-    for volatile in ("workers", "device", "output", "verify_fingerprints", "on_corrupt", "channels_last"):
+    for volatile in ("workers", "device", "output", "verify_fingerprints", "on_corrupt", "channels_last",
+                     "allow_incomplete"):
         d.pop(volatile, None)
     return json.dumps(d, sort_keys=True)
