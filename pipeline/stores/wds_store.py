@@ -19,7 +19,7 @@ import numpy as np
 
 from ..schema import RoleSpec
 
-__all__ = ["write_shard", "open_shard", "member_name"]
+__all__ = ["write_shard", "open_shard", "member_name", "missing_entries"]
 
 
 def member_name(index: int, field: str) -> str:
@@ -50,6 +50,22 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
                 for spec in specs.values():
                     for field in spec.fields():
                         _add(tar, member_name(s["index"], field), _npy(fields[field][row, view]))
+
+
+def missing_entries(folder: Path, specs: dict[str, RoleSpec], samples: list[dict], num_views: int) -> list[str]:
+    """What a written shard folder lacks (empty when whole): a view's tar, or an entry of one."""
+    missing = []
+    for view in range(num_views):
+        try:
+            with tarfile.open(folder / f"v{view}.tar") as tar:
+                names = set(tar.getnames())
+        except (OSError, tarfile.TarError):
+            missing.append(f"v{view}.tar")
+            continue
+        wanted = [f"s{s['index']:08d}.json" for s in samples]
+        wanted += [member_name(s["index"], f) for s in samples for spec in specs.values() for f in spec.fields()]
+        missing += [f"v{view}.tar:{n}" for n in wanted if n not in names]
+    return missing
 
 
 class TarShard:

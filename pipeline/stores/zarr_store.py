@@ -16,7 +16,7 @@ from zarr.codecs import ZstdCodec
 
 from ..schema import RoleSpec
 
-__all__ = ["write_shard", "open_shard", "write_root"]
+__all__ = ["write_shard", "open_shard", "write_root", "missing_entries"]
 
 
 def write_root(root: Path) -> None:
@@ -37,6 +37,19 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
             arr = group.create_array(field, shape=full, chunks=(1, 1, *shape), shards=full, dtype=dtype,
                                      compressors=ZstdCodec(level=level, checksum=True), fill_value=0)
             arr[...] = data
+
+
+def missing_entries(folder: Path, specs: dict[str, RoleSpec], samples: list[dict], num_views: int) -> list[str]:
+    """What a written shard folder lacks (empty when whole): each field's array metadata, and its data
+    file when the shard holds samples."""
+    missing = []
+    for spec in specs.values():
+        for field in spec.fields():
+            if not (folder / field / "zarr.json").is_file():
+                missing.append(f"array {field!r}")
+            elif samples and not any(p.is_file() for p in (folder / field).glob("c/**/*")):
+                missing.append(f"the data of array {field!r}")
+    return missing
 
 
 class ZarrShard:
