@@ -57,7 +57,8 @@ def cache_teacher(
     batch_size: Optional[int] = typer.Option(None, help="teacher batch size"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
     engine: str = typer.Option("ray", help="ray, or local (the same stages in this process, no Ray)"),
-    overwrite: bool = typer.Option(False, help="replace a cache of another configuration in the output folder"),
+    overwrite: bool = typer.Option(False, help="replace a cache of another configuration in the output folder (only a "
+                                               "cache's own files are removed; a folder holding anything else is refused)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Run the teacher once over K replayable views of every image and write its features to a cache.
@@ -174,6 +175,8 @@ def distill(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
     resume: bool = typer.Option(False, help="continue from the run folder's checkpoint"),
+    overwrite: bool = typer.Option(False, help="replace the run in the output folder (its checkpoint, metrics, student)"),
+    allow_incomplete: bool = typer.Option(False, help="train on a cache whose job has not finished"),
     verify_fingerprints: bool = typer.Option(False, help="check every replayed view against its stored fingerprint"),
     skip_corrupt: bool = typer.Option(False, help="skip samples whose cache entry cannot be read, instead of stopping"),
 ):
@@ -197,8 +200,8 @@ def distill(
                                recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr,
                                output=str(output) if output else None, workers=workers, device=device, seed=seed,
                                verify_fingerprints=verify_fingerprints or None,
-                               on_corrupt="skip" if skip_corrupt else None)
-        result = train(spec, resume=resume, log=lambda m: typer.echo(m, err=True))
+                               on_corrupt="skip" if skip_corrupt else None, allow_incomplete=allow_incomplete or None)
+        result = train(spec, resume=resume, overwrite=overwrite, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, CacheMismatchError, ManifestError, BadImage, ReplayError,
             CheckpointWriteError, FloatingPointError) as e:
         typer.echo(f"error: {e}", err=True)
