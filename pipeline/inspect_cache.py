@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,9 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
     problems = []
     if meta["start"] != record["start"] or meta["end"] != record["end"] or n > meta["end"] - meta["start"]:
         problems.append(f"{record['name']}: sample range [{meta['start']}, {meta['end']}) does not hold {n} samples")
+    if meta.get("format", m["format"]) != m["format"]:
+        return problems + [f"{record['name']}: {SHARD_META} says format {meta['format']!r}, {MANIFEST} says "
+                           f"{m['format']!r}"]
     if m["format"] == "zarr":
         import zarr
 
@@ -117,8 +121,13 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
         import tarfile
 
         for view in range(k):
-            with tarfile.open(root / record["name"] / f"v{view}.tar") as tar:
-                names = set(tar.getnames())
+            try:
+                with tarfile.open(root / record["name"] / f"v{view}.tar") as tar:
+                    names = set(tar.getnames())
+            except (OSError, tarfile.TarError) as e:  # a finding, not a crash
+                why = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+                problems.append(f"{record['name']}/v{view}.tar: cannot be read as a tar ({why})")
+                continue
             for s in meta["samples"]:
                 for role in m["roles"].values():
                     for field in role["fields"]:
