@@ -470,3 +470,28 @@ def test_a_manifest_that_is_not_an_object_is_refused_by_name(base, tmp_path, tex
     with pytest.raises(ManifestError) as e:
         read_manifest(tmp_path)
     assert str(e.value) == f"{tmp_path / 'manifest.json'}: expected a JSON object (the manifest), found {found}"
+
+
+def test_a_store_error_while_writing_a_shard_leaves_no_temporary(base, tmp_path, monkeypatch):
+    """What zstd's own error did with compression_level 99 (now refused in the spec): no .tmp-shard is left."""
+    from pipeline.stores import STORES
+
+    def failing(*a, **k):
+        raise ValueError("codec refused its settings")
+
+    monkeypatch.setattr(STORES["zarr"], "write_shard", failing)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="codec refused its settings"):
+        run(_spec(base, out))
+    assert temporaries(out) == [] and committed(out) == []
+
+
+def test_cli_views_override_is_checked_by_name(base, tmp_path):
+    from pipeline.cli import app
+
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"cache": _spec(base, tmp_path / "out").to_dict()}))
+    result = CliRunner().invoke(app, ["cache-teacher", str(job), "--engine", "local", "--views", "0"])
+    assert result.exit_code == 2
+    assert "error: --views: views.per_image: expected at least 1, found 0" in result.output
+    assert not (tmp_path / "out").exists()
