@@ -18,9 +18,10 @@ skips committed shards, and a retried task finds its shard committed and discard
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -34,9 +35,10 @@ from scalekd.teacher import TeacherInfo, split_teacher, teacher_family
 from .datasets import BadImage, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
 from .job_spec import CacheSpec, work_dir
 from .ledger import LAYOUT, Ledger, package_versions
+from .output_guard import CacheConfigError, OutputLock, check_placement, refuse_foreign, remove_cache
 from .sample_index import COLUMNS_DOC
 from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, encode, shard_name
-from .shards import CacheWriteError, commit_shard, remove_temporaries
+from .shards import CacheWriteError, commit_shard, committed_shards, damaged_shards, discard_shard, remove_temporaries
 from .views import VIEW_FIELDS, fingerprint, render_view, sample_views
 from .weights import export_demo_teacher, file_sha256, load_teacher
 
@@ -46,10 +48,6 @@ __all__ = ["run_cache_job", "CacheConfigError", "resolve_checkpoint", "teacher_i
 BUILTIN_DEMO_TEACHER = "builtin:efficientnet-lite0"
 
 
-class CacheConfigError(ValueError):
-    """The output folder holds a cache of another configuration, or is not a cache at all."""
-
-
 def resolve_checkpoint(teacher: dict) -> str | None:
     """The checkpoint file path (exporting the built-in demo weights when asked for)."""
     ckpt = teacher.get("checkpoint")
@@ -57,6 +55,9 @@ def resolve_checkpoint(teacher: dict) -> str | None:
         if teacher["name"] != "tf_efficientnet_lite0":
             raise ValueError(f"{BUILTIN_DEMO_TEACHER} holds tf_efficientnet_lite0 weights, not {teacher['name']}")
         return str(export_demo_teacher(work_dir() / "weights" / "tf_efficientnet_lite0.safetensors"))
+    if ckpt is not None and Path(ckpt).is_dir():
+        raise FileNotFoundError(f"teacher checkpoint {ckpt} is a folder; expected a file (.safetensors or a torch "
+                                f"state dict)")
     if ckpt is not None and not Path(ckpt).is_file():
         raise FileNotFoundError(f"teacher checkpoint {ckpt} does not exist")
     return str(Path(ckpt).resolve()) if ckpt else None  # absolute: the trainer may run elsewhere
@@ -165,9 +166,11 @@ def _node_id() -> str:
     return "local"
 
 
-def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int) -> dict:
+def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int,
+                config_sha256: str | None = None) -> dict:
     """Encode a shard's teacher outputs and commit it; returns {'record': JSON of the shard's record,
-    'node': the node whose teacher computed it}."""
+    'node': the node whose teacher computed it}. config_sha256: the run's config digest, kept in
+    shard.json (a lost manifest is rebuilt only from shards of the same configuration)."""
     specs = {k: RoleSpec.from_dict(v) if isinstance(v, dict) else v for k, v in specs.items()}
     samples = json.loads(row["samples"])
     fields: dict[str, np.ndarray] = {}
@@ -177,7 +180,8 @@ def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, lev
             data = np.zeros((0, num_views, *spec.shape), np.float32)
         fields.update(encode(spec, data))
     record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
-                          samples, json.loads(row["skipped"]), num_views, level, view_width=len(VIEW_FIELDS))
+                          samples, json.loads(row["skipped"]), num_views, level, view_width=len(VIEW_FIELDS),
+                          extra={"config_sha256": config_sha256} if config_sha256 else None)
     return {"record": json.dumps(record), "node": row.get("node", "local")}
 
 
@@ -274,32 +278,46 @@ def _config(spec: CacheSpec, sha: str | None, refs: list[SampleRef]) -> dict:
             "dataset_listing_sha256": listing}))
 
 
-def _own_leftover(name: str) -> bool:
-    """What a run killed before its first manifest can leave: the zarr root, half-written shards or manifest."""
-    return name == "zarr.json" or name.startswith(".tmp-") or (name.startswith(".") and ".tmp-" in name)
+def config_sha256(config: dict) -> str:
+    """The digest of a run's config, stored in each shard.json."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare_output(root: Path, config: dict, overwrite: bool) -> None:
+def _read_config(manifest: Path) -> tuple[dict | None, str]:
+    """(the config a manifest records, '') or (None, why it cannot be read)."""
+    try:
+        data = manifest.read_bytes()
+    except OSError as e:
+        return None, os.strerror(e.errno) if e.errno else str(e)
+    if not data.strip():
+        return None, "zero bytes" if not data else "blank"
+    try:
+        m = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "not valid JSON"
+    if not isinstance(m, dict) or not isinstance(m.get("config"), dict):
+        return None, f"a JSON {type(m).__name__}, not a manifest" if not isinstance(m, dict) else "without a config"
+    return m["config"], ""
+
+
+def _shard_disagreement(meta: dict, config: dict) -> str:
+    """'' when a committed shard may belong to this run's configuration, else the first difference."""
+    sps = config["samples_per_shard"]
+    if meta.get("config_sha256") not in (None, config_sha256(config)):
+        return "made by another configuration (its config_sha256 differs)"
+    for key, mine in (("format", config["format"]), ("num_views", config["views"]["per_image"]),
+                      ("start", meta["index"] * sps)):
+        if meta.get(key) != mine:
+            return f"{key}: shard has {meta.get(key)!r}, this run {mine!r}"
+    return ""
+
+
+def _prepare_output(root: Path, config: dict, overwrite: bool, held: contextlib.ExitStack, log) -> None:
+    """Check the output folder, take its lock for the rest of the job (held), and keep, rebuild or
+    (with overwrite) clear the cache in it. Nothing but a cache's own entries is ever removed."""
     if root.exists() and not root.is_dir():
         raise CacheConfigError(f"output {root} exists and is not a folder")
-    manifest = root / MANIFEST
-    if manifest.is_file():
-        try:
-            old = json.loads(manifest.read_text()).get("config", {})
-        except json.JSONDecodeError:
-            old = {"unreadable": True}
-        if old != config:
-            if not overwrite:
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {config.get(k)!r}" for k in diff[:4])
-                raise CacheConfigError(f"output {root} holds a cache of another configuration ({detail}); "
-                                       f"choose another output or pass --overwrite to replace it")
-            shutil.rmtree(root)
-    elif root.is_dir() and any(not _own_leftover(p.name) for p in root.iterdir()):
-        if not overwrite:
-            raise CacheConfigError(f"output {root} is not empty and holds no {MANIFEST}; refusing to write a cache "
-                                   f"into it (choose an empty or new folder, or pass --overwrite)")
-        shutil.rmtree(root)
+    refuse_foreign(root)  # whatever the flags
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / ".write-test"
@@ -307,6 +325,33 @@ def _prepare_output(root: Path, config: dict, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise CacheWriteError(f"cannot write to output {root}: {os.strerror(e.errno) if e.errno else e}") from None
+    held.enter_context(OutputLock(root, "cache job"))  # until the job ends; a second job is refused here
+    refuse_foreign(root)  # again, under the lock
+    manifest = root / MANIFEST
+    old, unreadable = _read_config(manifest) if manifest.exists() else (None, "missing")
+    if old is not None and old != config:
+        if not overwrite:
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            detail = "; ".join(f"{k}: cache has {old.get(k)!r}, this run {config.get(k)!r}" for k in diff[:4])
+            raise CacheConfigError(f"output {root} holds a cache of another configuration ({detail}); "
+                                   f"choose another output or pass --overwrite to replace it")
+        log(f"--overwrite: removed the cache of another configuration from {root} ({len(remove_cache(root))} entries)")
+    elif old is None:
+        shards = committed_shards(root)
+        if not shards:
+            return
+        bad = {meta["name"]: why for meta in shards.values() if (why := _shard_disagreement(meta, config))}
+        if bad and not overwrite:
+            name = sorted(bad)[0]
+            raise CacheConfigError(f"output {root} has no readable {MANIFEST} ({unreadable}), and its {name} does not "
+                                   f"belong to this run ({bad[name]}); choose another output or pass --overwrite "
+                                   f"to replace it")
+        if bad:
+            log(f"--overwrite: removed the cache of another configuration from {root} ({len(remove_cache(root))} "
+                f"entries)")
+        else:
+            log(f"{MANIFEST} of {root} is {unreadable}: rebuilding it from the {len(shards)} committed shard(s)' own "
+                f"shard.json (format, views and ranges match this run)")
 
 
 def _manifest_header(spec, info, ckpt, sha, specs, config, listed, classes, data_root) -> dict:
@@ -362,25 +407,41 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
     'local' (the same stages in this process). max_shards: stop after that many new shards (tests).
     local_threads, local_render: the local engine's render workers (0 = the stages in series) and their
     kind, 'threads' or 'processes' (see local_pipeline for the defaults).
+
+    The output folder is locked for the whole job (a second job on it is refused) and holds nothing
+    but a cache (anything else in it is refused, whatever the flags).
     """
     if engine not in ("ray", "local"):
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
+    check_placement(spec.output, spec.dataset)  # before anything is read
+    with contextlib.ExitStack() as held:  # the output's lock, once taken, until the job ends
+        return _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render, held)
+
+
+def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render,
+                   held: contextlib.ExitStack) -> dict:
     t0 = time.perf_counter()
     info = teacher_info_for(spec.teacher)  # an unknown teacher fails here, before any work
     ckpt = resolve_checkpoint(spec.teacher)
     sha = file_sha256(ckpt) if ckpt else None
     refs, classes, listing_skipped = list_dataset(spec.dataset)
+    _check_labels(refs, info, spec.dataset)
     specs = _role_specs(spec, info)
     config = _config(spec, sha, refs)
     root = Path(spec.output).resolve()
-    _prepare_output(root, config, overwrite)
+    _prepare_output(root, config, overwrite, held, log)
     removed = remove_temporaries(root)
     if removed:
         log(f"removed {len(removed)} half-written shard(s) from an interrupted run: {', '.join(removed[:5])}")
+    metas = committed_shards(root)
+    for name, problem in damaged_shards(root, metas).items():  # resume only from intact shards
+        log(f"{name} is damaged ({problem}): removing it, it will be cached again")
+        discard_shard(root, name)
+        metas = {i: m for i, m in metas.items() if m["name"] != name}
     data_root = dataset_root(spec.dataset, refs)
     n_shards = -(-len(refs) // spec.samples_per_shard)
     ledger = Ledger(root, _manifest_header(spec, info, ckpt, sha, specs, config, len(refs), classes, data_root),
-                    n_shards, listing_skipped)
+                    n_shards, listing_skipped, metas)
     tasks = shard_tasks(refs, spec.samples_per_shard, done=ledger)
     del refs  # the tasks hold what the workers need
     if max_shards is not None:
@@ -398,7 +459,7 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
     teacher_kw = dict(teacher=spec.teacher, checkpoint=ckpt, roles=list(specs), batch_size=spec.batch_size,
                       device=spec.device)
     write_kw = dict(root=str(root), fmt=spec.format, specs={k: v.to_dict() for k, v in specs.items()},
-                    num_views=spec.views.per_image, level=spec.compression_level)
+                    num_views=spec.views.per_image, level=spec.compression_level, config_sha256=config_sha256(config))
 
     from tqdm import tqdm
 
@@ -466,6 +527,18 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
 
             ray.shutdown()
     return summarize(root, time.perf_counter() - t0, new_samples) | {"shards_per_teacher_node": per_node}
+
+
+def _check_labels(refs: list[SampleRef], info: TeacherInfo, dataset: dict) -> None:
+    """A label the teacher's classifier has no class for would fail training deep in the loss: refuse it here."""
+    if not refs or not info.num_classes:
+        return
+    top = max(refs, key=lambda r: r.label)
+    if top.label >= info.num_classes:
+        raise ValueError(f"dataset {dataset.get('root') or dataset.get('urls')} has label {top.label} (sample "
+                         f"{top.key!r}), but teacher {info.name} has {info.num_classes} classes (labels 0.."
+                         f"{info.num_classes - 1}); use a teacher with a head for this dataset's classes, or pin "
+                         f"labels with class_index.json")
 
 
 def _root_cause(e: BaseException) -> BaseException:

@@ -57,7 +57,8 @@ def cache_teacher(
     batch_size: Optional[int] = typer.Option(None, help="teacher batch size"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
     engine: str = typer.Option("ray", help="ray, or local (the same stages in this process, no Ray)"),
-    overwrite: bool = typer.Option(False, help="replace a cache of another configuration in the output folder"),
+    overwrite: bool = typer.Option(False, help="replace a cache of another configuration in the output folder (only a "
+                                               "cache's own files are removed; a folder holding anything else is refused)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
 ):
     """Run the teacher once over K replayable views of every image and write its features to a cache.
@@ -75,7 +76,14 @@ def cache_teacher(
         if views is not None:
             from dataclasses import replace
 
-            spec.views = replace(spec.views, per_image=views)
+            from pydantic import ValidationError
+
+            from .job_spec import spec_error
+
+            try:
+                spec.views = replace(spec.views, per_image=views)
+            except ValidationError as e:
+                raise spec_error(e, "--views", "views") from None
         summary = run_cache_job(spec, overwrite=overwrite, engine=engine, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, DatasetError, CacheConfigError, CacheWriteError, FloatingPointError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -167,6 +175,8 @@ def distill(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
     resume: bool = typer.Option(False, help="continue from the run folder's checkpoint"),
+    overwrite: bool = typer.Option(False, help="replace the run in the output folder (its checkpoint, metrics, student)"),
+    allow_incomplete: bool = typer.Option(False, help="train on a cache whose job has not finished"),
     verify_fingerprints: bool = typer.Option(False, help="check every replayed view against its stored fingerprint"),
     skip_corrupt: bool = typer.Option(False, help="skip samples whose cache entry cannot be read, instead of stopping"),
     data_root: Optional[Path] = typer.Option(None, help="where the cache's dataset is now (a copied cache); its "
@@ -194,10 +204,10 @@ def distill(
                                recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr,
                                output=str(output) if output else None, workers=workers, device=device, seed=seed,
                                verify_fingerprints=verify_fingerprints or None,
-                               on_corrupt="skip" if skip_corrupt else None,
+                               on_corrupt="skip" if skip_corrupt else None, allow_incomplete=allow_incomplete or None,
                                data_root=str(data_root.resolve()) if data_root else None,
                                teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None)
-        result = train(spec, resume=resume, log=lambda m: typer.echo(m, err=True))
+        result = train(spec, resume=resume, overwrite=overwrite, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, CacheMismatchError, ManifestError, BadImage, ReplayError,
             CheckpointWriteError, FloatingPointError) as e:
         typer.echo(f"error: {e}", err=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,9 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
         return problems + [f"{record['name']}/{INDEX_DIR}: unreadable ({e})"]
     if meta["start"] != record["start"] or meta["end"] != record["end"] or n > meta["end"] - meta["start"]:
         problems.append(f"{record['name']}: sample range [{meta['start']}, {meta['end']}) does not hold {n} samples")
+    if meta.get("format", m["format"]) != m["format"]:
+        return problems + [f"{record['name']}: {SHARD_META} says format {meta['format']!r}, {MANIFEST} says "
+                           f"{m['format']!r}"]
     if m["format"] == "zarr":
         import zarr
 
@@ -153,8 +157,9 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
             try:
                 with tarfile.open(root / record["name"] / f"v{view}.tar") as tar:
                     members = {t.name: t.offset_data for t in tar.getmembers()}
-            except (OSError, tarfile.TarError) as e:
-                problems.append(f"{record['name']}/v{view}.tar: unreadable ({e})")
+            except (OSError, tarfile.TarError) as e:  # a finding, not a crash
+                why = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+                problems.append(f"{record['name']}/v{view}.tar: cannot be read as a tar ({why})")
                 continue
             try:
                 entries = np.load(root / record["name"] / ENTRIES, allow_pickle=False)

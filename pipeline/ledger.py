@@ -70,11 +70,12 @@ class Ledger:
     header: the manifest's fixed part (format, teacher, views, dataset, roles, layout, ...);
     expected: the number of shards the job makes; listing_skipped: inputs the listing skipped."""
 
-    def __init__(self, root: Path, header: dict, expected: int, listing_skipped: list[dict]):
+    def __init__(self, root: Path, header: dict, expected: int, listing_skipped: list[dict], metas: dict | None = None):
+        """metas: shard index → shard.json of the shards already committed (default: scanned from root)."""
         self.root, self.header, self.expected, self.listing_skipped = Path(root), header, expected, listing_skipped
         self.records: dict[int, dict] = {}
         self.skipped: dict[int, list] = {}
-        for i, meta in committed_shards(self.root).items():  # a resumed job: what is on disk
+        for i, meta in (committed_shards(self.root) if metas is None else metas).items():  # a resumed job
             self.records[i], self.skipped[i] = shard_record(meta), meta.get("skipped", [])
         self._saved = (len(self.records), time.monotonic())
 

@@ -148,6 +148,8 @@ def read_manifest(root: str | Path) -> dict:
         m = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path} cannot be read as JSON: {e}") from None
+    if not isinstance(m, dict):
+        raise ManifestError(f"{path}: expected a JSON object (the manifest), found a JSON {type(m).__name__}")
     for key in ("format", "schema_version", "teacher", "views", "roles", "shards", "num_samples", "num_views"):
         if key not in m:
             raise ManifestError(f"{path}: missing key {key!r}")

@@ -24,7 +24,7 @@ from .schema import SHARD_META, SHARD_PREFIX, RoleSpec, file_sha256, shard_name,
 from .stores import store_module
 
 __all__ = ["CacheWriteError", "commit_shard", "shard_record", "record_mismatch", "committed_shards", "remove_temporaries",
-           "verify_shard"]
+           "verify_shard", "damaged_shards", "discard_shard"]
 
 
 class CacheWriteError(RuntimeError):
@@ -65,10 +65,12 @@ def record_mismatch(meta: dict, record: dict) -> str:
 
 def commit_shard(root: Path, index: int, start: int, end: int, fmt: str, specs: dict[str, RoleSpec],
                  fields: dict[str, np.ndarray], samples: list[dict], skipped: list[dict], num_views: int,
-                 level: int = 3, view_width: int = 5) -> dict:
+                 level: int = 3, view_width: int = 5, extra: dict | None = None) -> dict:
     """Write and atomically commit shard ``index`` (samples [start, end) of the listing); returns its record.
 
-    samples: the shard's sample records (see ``sample_index.write_index``), stored as its columnar index."""
+    samples: the shard's sample records (see ``sample_index.write_index``), stored as its columnar index.
+    extra: more entries for shard.json (the run's config digest, which a lost manifest is rebuilt against).
+    A shard is committed only with every array of every role present and checksummed."""
     root = Path(root)
     name = shard_name(index)
     final = root / name
@@ -77,15 +79,21 @@ def commit_shard(root: Path, index: int, start: int, end: int, fmt: str, specs: 
     tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        store_module(fmt).write_shard(tmp, specs, fields, samples, num_views, level)
+        store = store_module(fmt)
+        store.write_shard(tmp, specs, fields, samples, num_views, level)
         write_index(tmp / INDEX_DIR, samples, num_views, view_width)
+        missing = store.missing_entries(tmp, specs, samples, num_views)
+        if missing:
+            raise CacheWriteError(f"refusing to commit {name} under {root}: {tmp.name} lacks {', '.join(missing[:4])}"
+                                  f"{' …' if len(missing) > 4 else ''} after writing (did another process remove "
+                                  f"or change it?); nothing was committed, run the job again to redo it")
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
             files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         meta = {"name": name, "index": index, "start": start, "end": end, "format": fmt, "num_views": num_views,
-                "num_samples": len(samples), "skipped": skipped, "files": files}
+                "num_samples": len(samples), "skipped": skipped, "files": files} | (extra or {})
         write_json_atomic(tmp / SHARD_META, meta)
         _fsync_dir(tmp)
         try:
@@ -101,17 +109,59 @@ def commit_shard(root: Path, index: int, start: int, end: int, fmt: str, specs: 
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise CacheWriteError(f"cannot write shard {name} under {root}: {reason}; committed shards are intact, "
                               f"free space or fix permissions and run the job again to resume") from e
+    except BaseException:  # any other failure (a codec's error, an incomplete shard): no .tmp-shard is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return shard_record(meta)
 
 
 def committed_shards(root: Path) -> dict[int, dict]:
-    """index → shard.json of every committed shard folder."""
+    """index → shard.json of every committed shard folder (one whose shard.json cannot be read is left
+    out: damaged_shards names it)."""
     out = {}
     for path in sorted(Path(root).glob(f"{SHARD_PREFIX}*")):
         if path.is_dir() and (path / SHARD_META).is_file():
-            meta = json.loads((path / SHARD_META).read_text())
-            out[meta["index"]] = meta
+            meta = _read_meta(path)
+            if meta is not None:
+                out[meta["index"]] = meta
     return out
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        meta = json.loads((folder / SHARD_META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(meta, dict) and isinstance(meta.get("index"), int) and isinstance(meta.get("files"), dict)
+    return meta if ok else None
+
+
+def damaged_shards(root: Path, records: dict[int, dict]) -> dict[str, str]:
+    """Committed shards a re-run must not resume from: shard name → what is wrong.
+
+    Cheap (no checksums): every file shard.json records must exist with its recorded size, and
+    every shard folder must have a readable shard.json. records: committed_shards(root)."""
+    root, out = Path(root), {}
+    for meta in records.values():
+        folder = root / meta["name"]
+        for rel, f in sorted(meta["files"].items()):
+            path = folder / rel
+            if not path.is_file():
+                out[meta["name"]] = f"{rel} is missing"
+                break
+            if path.stat().st_size != f.get("bytes"):
+                out[meta["name"]] = f"{rel} has {path.stat().st_size} bytes, {SHARD_META} records {f.get('bytes')}"
+                break
+    known = {meta["name"] for meta in records.values()}
+    for folder in sorted(root.glob(f"{SHARD_PREFIX}*")):
+        if folder.is_dir() and folder.name not in known:
+            out[folder.name] = f"{SHARD_META} is missing or unreadable"
+    return out
+
+
+def discard_shard(root: Path, name: str) -> None:
+    """Remove a damaged committed shard, so that the job writes it again."""
+    shutil.rmtree(Path(root) / name)
 
 
 def remove_temporaries(root: Path) -> list[str]:

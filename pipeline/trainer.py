@@ -9,6 +9,7 @@ rank 0 alone logs and writes files, the evaluation is shared among the ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,13 +35,24 @@ from . import distributed
 from .distributed import World
 from .job_spec import TrainSpec
 from .late import CacheMismatchError, build_late, check_teacher_matches
+from .output_guard import OutputLock
 from .reader import CacheReader
 from .recipes import recipe as named_recipe
 from .train_data import ModelInput, ViewDataset, collate_skipping
 
-__all__ = ["train", "export_student", "evaluate", "check_relocated_dataset", "CheckpointWriteError", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
+__all__ = ["train", "export_student", "evaluate", "check_relocated_dataset", "CheckpointWriteError",
+           "IncompleteCacheError", "RunFolderError", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
 
 CHECKPOINT, STUDENT_FILE, METRICS_FILE, PLOT_FILE = "checkpoint.pt", "student.safetensors", "metrics.jsonl", "curves.png"
+RUN_FILES = (CHECKPOINT, METRICS_FILE, STUDENT_FILE, PLOT_FILE)  # what a run writes (and --overwrite removes)
+
+
+class IncompleteCacheError(ValueError):
+    """The cache's job has not finished (or wrote nothing yet); training on it needs an explicit opt-in."""
+
+
+class RunFolderError(ValueError):
+    """The run folder holds another run (or cannot be made); nothing in it was changed."""
 
 
 def _device(name: str) -> torch.device:
@@ -57,6 +69,7 @@ def build_run(spec: TrainSpec, device: torch.device):
     if spec.data_root:
         check_relocated_dataset(spec.cache, spec.data_root)
     reader = CacheReader(spec.cache, data_root=spec.data_root)
+    _check_complete(reader.manifest, spec)
     teacher = dict(reader.manifest["teacher"])
     if spec.teacher_checkpoint:  # the same weights at another path: build_late / load_teacher check its sha256
         teacher["checkpoint"] = str(Path(spec.teacher_checkpoint).resolve())
@@ -64,9 +77,7 @@ def build_run(spec: TrainSpec, device: torch.device):
     missing = {"final", "logits"} - set(reader.specs)
     if missing:
         raise CacheMismatchError(f"cache {spec.cache} does not store role(s) {sorted(missing)}, which the loss needs")
-    rec = named_recipe(spec.recipe, **{k: getattr(spec, k) for k in ("epochs", "batch_size", "lr", "opt",
-                                                                       "weight_decay", "sched", "warmup_epochs",
-                                                                       "grad_clip", "task_loss")})
+    rec = _recipe(spec)
     online = None
     if spec.targets == "online":
         from .weights import load_teacher
@@ -90,6 +101,9 @@ def build_run(spec: TrainSpec, device: torch.device):
     scfg = dict(student.model.pretrained_cfg) | {"input_size": student.input_size}
     data = ViewDataset(reader, _model_input(scfg), _model_input(teacher), spec.targets,
                        spec.verify_fingerprints, spec.on_corrupt)
+    if len(data) == 0:
+        raise IncompleteCacheError(f"cache {spec.cache} holds no samples yet ({_progress(reader.manifest)}); "
+                                   f"run its cache job first")
     return reader, data, distiller, online, rec
 
 
@@ -122,6 +136,27 @@ class _EvalImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.transform(_val_image(self.refs[i])), self.refs[i].label
+
+
+def _recipe(spec: TrainSpec) -> dict:
+    return named_recipe(spec.recipe, **{k: getattr(spec, k) for k in ("epochs", "batch_size", "lr", "opt", "weight_decay",
+                                                                      "sched", "warmup_epochs", "grad_clip", "task_loss")})
+
+
+def _progress(m: dict) -> str:
+    listed = (m.get("dataset") or {}).get("listed", "?")
+    return (f"{len(m['shards'])} of {m.get('num_shards_expected', '?')} shards committed, {m['num_samples']} of "
+            f"{listed} samples")
+
+
+def _check_complete(m: dict, spec: TrainSpec) -> None:
+    """An unfinished cache (its job running, or stopped) is refused unless the run opts in by name."""
+    if m.get("complete", True) is True or spec.allow_incomplete:
+        return
+    raise IncompleteCacheError(f"cache {spec.cache} is incomplete ({_progress(m)}; its manifest.json says complete: "
+                               f"false: the cache job is still running or was stopped); run the cache job again to "
+                               f"finish it, or pass --allow-incomplete (allow_incomplete: true) to train on what is "
+                               f"there")
 
 
 def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, batch_size: int = 64,
@@ -231,8 +266,12 @@ def _plot(metrics: list[dict], path: Path) -> Path:
     return path
 
 
-def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=print, stop_after_steps: int | None = None) -> dict:
+def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=print, stop_after_steps: int | None = None,
+          overwrite: bool = False) -> dict:
     """Train a student from the cache (or online); returns where its files are and the last metrics.
+
+    The run folder is locked for the run. A folder holding another run is refused unless resume
+    (same configuration) or overwrite (removes that run's files, nothing else).
 
     stop_after_steps: stop (without a checkpoint of the unfinished epoch) after that many steps of
     this call, as a kill would (tests).
@@ -242,18 +281,72 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
     """
     world = distributed.start(spec.device)
     try:
-        return _train(spec, world, resume, progress, log, stop_after_steps)
+        with contextlib.ExitStack() as held:  # the run folder's lock (rank 0), until the run ends
+            return _train(spec, world, resume, progress, log, stop_after_steps, overwrite, held)
     finally:
         distributed.end(world)
 
 
-def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, log, stop_after_steps: int | None) -> dict:
+def _claim_run_folder(out: Path, spec: TrainSpec, resume: bool, overwrite: bool, held: contextlib.ExitStack, log):
+    """Make and lock the run folder; refuse one that holds another run unless resuming it or overwriting."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else (os.strerror(e.errno) if e.errno else str(e))
+        raise RunFolderError(f"cannot make run folder {out}: {why}; choose another output") from None
+    held.enter_context(OutputLock(out, "distill run"))  # a second run on this folder is refused here
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if resume:
+        if not (out / CHECKPOINT).is_file():
+            log(f"--resume: no {CHECKPOINT} in {out}: starting fresh")
+        return
+    if not present:
+        return
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        log(f"--overwrite: removed the earlier run's {', '.join(present)} from {out}")
+        return
+    earlier = _checkpoint_key(out / CHECKPOINT)
+    if earlier is not None and earlier != json.loads(_resume_key(spec)):
+        raise RunFolderError(f"run folder {out} holds a run of another configuration ({_key_diff(earlier, spec)}); "
+                             f"choose another output, or pass --overwrite to replace it")
+    what = "this run's checkpoint" if earlier is not None else f"an earlier run's {', '.join(present)}"
+    raise RunFolderError(f"run folder {out} already holds {what}; pass --resume to continue it, --overwrite to "
+                         f"start again, or choose another output")
+
+
+def _checkpoint_key(path: Path) -> dict | None:
+    """The configuration a checkpoint records (None when there is no readable trainer checkpoint)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return json.loads(state["spec"])
+    except Exception:  # noqa: BLE001 — not this trainer's checkpoint: the folder is still refused, unnamed
+        return None
+
+
+def _key_diff(earlier: dict, spec: TrainSpec, limit: int = 4) -> str:
+    """The differing keys of two run configurations, named with both values."""
+    mine = json.loads(_resume_key(spec))
+    diff = sorted(k for k in set(earlier) | set(mine) if earlier.get(k) != mine.get(k))
+    return "; ".join(f"{k}: run has {earlier.get(k)!r}, this run {mine.get(k)!r}" for k in diff[:limit]) + (
+        f"; and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
+def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, log, stop_after_steps: int | None,
+           overwrite: bool = False, held: contextlib.ExitStack | None = None) -> dict:
     device = world.device if world else _device(spec.device)
     main = world is None or world.main
     if not main:  # one voice: rank 0 logs and writes
         progress, log = False, (lambda m: None)
     out = Path(spec.output)
-    out.mkdir(parents=True, exist_ok=True)
+    held = held if held is not None else contextlib.ExitStack()
+    _recipe(spec)  # a wrong setting is refused before the run folder is looked at
+    claim = lambda: _claim_run_folder(out, spec, resume, overwrite, held, log)  # noqa: E731
+    world.from_main(claim) if world else claim()  # rank 0 alone locks; its refusal is raised on every rank
     torch.manual_seed(spec.seed)
     reader, data, distiller, online, rec = build_run(spec, device)
     trainable = nn.ModuleDict({"student": distiller.student, "caps": distiller.caps})
@@ -411,13 +504,14 @@ def _read_checkpoint(path: Path, spec: TrainSpec) -> dict | None:
         raise ValueError(f"checkpoint {path} is not this trainer's checkpoint (no 'spec' entry); remove it or "
                          f"start a new output folder")
     if state["spec"] != _resume_key(spec):
-        raise ValueError(f"{path} belongs to another run configuration; start a new output folder")
+        raise ValueError(f"{path} belongs to another run configuration ({_key_diff(json.loads(state['spec']), spec)}); "
+                         f"start a new output folder, or pass --overwrite instead of --resume to replace it")
     return state
 
 
 def _resume_key(spec: TrainSpec) -> str:
     d = spec.to_dict()
     for volatile in ("workers", "device", "output", "verify_fingerprints", "on_corrupt", "channels_last", "data_root",
-                     "teacher_checkpoint"):
+                     "teacher_checkpoint", "allow_incomplete"):
         d.pop(volatile, None)
     return json.dumps(d, sort_keys=True)

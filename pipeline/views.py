@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ConfigDict, Field, Strict
+from pydantic.dataclasses import dataclass as checked_dataclass
 
 __all__ = ["ViewParams", "ViewConfig", "sample_views", "render_view", "normalize", "fingerprint", "VIEW_FIELDS"]
 
@@ -41,19 +44,20 @@ class ViewParams:
         return cls(float(a[0]), float(a[1]), float(a[2]), float(a[3]), bool(a[4] >= 0.5))
 
 
-@dataclass(frozen=True)
+@checked_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class ViewConfig:
-    """RandomResizedCrop + horizontal flip, as torchvision samples them."""
+    """RandomResizedCrop + horizontal flip, as torchvision samples them.
 
-    per_image: int = 4
-    seed: int = 0
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: float = 0.5
+    Typed and checked on construction (pydantic): a job spec's ``per_image: "four"`` or ``2.5`` is
+    refused by name instead of failing deep inside the job; YAML lists become tuples."""
+
+    per_image: Annotated[int, Strict(), Field(ge=1)] = 4
+    seed: Annotated[int, Strict(), Field(ge=0)] = 0
+    scale: tuple[Annotated[float, Strict()], Annotated[float, Strict()]] = (0.08, 1.0)
+    ratio: tuple[Annotated[float, Strict()], Annotated[float, Strict()]] = (3 / 4, 4 / 3)
+    flip: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.5
 
     def __post_init__(self):
-        if self.per_image < 1:
-            raise ValueError(f"views.per_image must be at least 1, got {self.per_image}")
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise ValueError(f"views.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
         if not (0 < self.ratio[0] <= self.ratio[1]):

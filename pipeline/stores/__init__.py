@@ -2,6 +2,7 @@
 
 Each store module provides
     write_shard(folder, specs, fields, samples, num_views, level)  — the store's files for one shard
+    missing_entries(folder, specs, samples, num_views) → what a written shard lacks (checked before a commit)
     open_shard(folder, specs, meta) → object with read(row, view) → {field: array}
 """
 from __future__ import annotations

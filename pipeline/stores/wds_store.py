@@ -23,7 +23,7 @@ import numpy as np
 
 from ..schema import RoleSpec
 
-__all__ = ["write_shard", "open_shard", "member_name", "ENTRIES", "field_order"]
+__all__ = ["write_shard", "open_shard", "member_name", "missing_entries", "ENTRIES", "field_order"]
 
 
 def member_name(index: int, field: str) -> str:
@@ -69,6 +69,22 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
                     offset = _add(tar, member_name(s["index"], field), payload)
                     entries[view, row, j] = (offset, len(payload), zlib.crc32(payload))
     np.save(folder / ENTRIES, entries, allow_pickle=False)
+
+
+def missing_entries(folder: Path, specs: dict[str, RoleSpec], samples: list[dict], num_views: int) -> list[str]:
+    """What a written shard folder lacks (empty when whole): a view's tar, or an entry of one, or its entries table."""
+    missing = [] if (folder / ENTRIES).is_file() else [ENTRIES]
+    for view in range(num_views):
+        try:
+            with tarfile.open(folder / f"v{view}.tar") as tar:
+                names = set(tar.getnames())
+        except (OSError, tarfile.TarError):
+            missing.append(f"v{view}.tar")
+            continue
+        wanted = [f"s{s['index']:08d}.json" for s in samples]
+        wanted += [member_name(s["index"], f) for s in samples for spec in specs.values() for f in spec.fields()]
+        missing += [f"v{view}.tar:{n}" for n in wanted if n not in names]
+    return missing
 
 
 class TarShard:

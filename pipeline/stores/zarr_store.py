@@ -24,7 +24,7 @@ from zarr.codecs import ZstdCodec
 
 from ..schema import RoleSpec
 
-__all__ = ["write_shard", "open_shard", "write_root"]
+__all__ = ["write_shard", "open_shard", "write_root", "missing_entries"]
 
 _ZSTD = Zstd()
 
@@ -137,6 +137,19 @@ def _fast_layout(meta: dict, shape) -> bool:
                 and cfg.get("index_location", "end") == "end" and meta.get("fill_value") in (0, 0.0))
     except (KeyError, TypeError, ValueError):
         return False
+
+
+def missing_entries(folder: Path, specs: dict[str, RoleSpec], samples: list[dict], num_views: int) -> list[str]:
+    """What a written shard folder lacks (empty when whole): each field's array metadata, and its data
+    file when the shard holds samples."""
+    missing = []
+    for spec in specs.values():
+        for field in spec.fields():
+            if not (folder / field / "zarr.json").is_file():
+                missing.append(f"array {field!r}")
+            elif samples and not any(p.is_file() for p in (folder / field).glob("c/**/*")):
+                missing.append(f"the data of array {field!r}")
+    return missing
 
 
 class ZarrShard:
