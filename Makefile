@@ -11,7 +11,7 @@ JOB    ?= jobs/demo.yaml
 PYTEST_ARGS ?=
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup test test-slow cache-teacher distill inspect demo-results clean
+.PHONY: setup test test-slow cache-teacher distill inspect demo-results bench bench-quick bench-scale clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,12 @@ bench: setup
 	$(BIN)/python bench/storage.py --json bench/storage-demo.json > /dev/null
 	$(BIN)/python bench/memory.py --json bench/memory-swinl.json
 	$(BIN)/python bench/report.py
+
+# ImageNet-1K scale (1,281,167 images × K = 4): the cache's metadata, reads and bookkeeping, on synthetic
+# metadata of full size (kept in .work/scale, ~3 GB); writes bench/results-scale.{json,md}. SCALE_ARGS=--quick for CI.
+SCALE_ARGS ?=
+bench-scale: setup
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 # A smoke run of the benchmark code (CI-sized; its numbers are not measurements).
 bench-quick: setup

@@ -28,7 +28,7 @@ def real_features(n_views: int) -> dict[str, np.ndarray]:
     step = max(1, len(refs) * spec.views.per_image // n_views)
     picked = refs[:: step][: -(-n_views // spec.views.per_image)]
     task = {"shard": 0, "start": 0, "end": len(picked), "refs": json.dumps([asdict(r) for r in picked])}
-    row = render_views(task, spec.views, tuple(info.input_size[1:]), info.interpolation)
+    row = render_views(task, spec.views, tuple(info.input_size[1:]), info.interpolation, data_root="/")
     row = TeacherForward(spec.teacher, resolve_checkpoint(spec.teacher), ["final", "mid", "logits"], 32)(row)
     return {r: row[r].reshape(-1, *row[r].shape[2:])[:n_views] for r in ("final", "mid", "logits")}
 

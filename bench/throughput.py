@@ -45,7 +45,7 @@ def bare_forward(spec) -> dict:
     for start in range(0, len(refs), spec.samples_per_shard):
         task = {"shard": 0, "start": start, "end": start + spec.samples_per_shard,
                 "refs": json.dumps([asdict(r) for r in refs[start : start + spec.samples_per_shard]])}
-        pixels = render_views(task, spec.views, tuple(info.input_size[1:]), info.interpolation)["pixels"]
+        pixels = render_views(task, spec.views, tuple(info.input_size[1:]), info.interpolation, data_root="/")["pixels"]
         batches = [normalize(pixels[i : i + spec.batch_size], info.mean, info.std)
                    for i in range(0, len(pixels), spec.batch_size)]
         t = time.perf_counter()

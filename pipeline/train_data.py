@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from .datasets import BadImage, SampleRef, load_image
 from .reader import CacheReader
 from .schema import ManifestError
 from .views import ViewParams, fingerprint, normalize, render_view
 
-__all__ = ["ModelInput", "ViewDataset", "ReplayError", "collate_skipping"]
+__all__ = ["ModelInput", "ViewDataset", "ReplayError", "collate_skipping", "EpochOrder"]
 
 
 class ReplayError(RuntimeError):
@@ -59,8 +59,11 @@ class ViewDataset(Dataset):
         return len(self.reader)
 
     def __getitem__(self, i: int):
+        # An index past the end carries its epoch (EpochOrder): a persistent worker's copy of this
+        # dataset never sees set_epoch, so the epoch, and with it the view, travels with the index.
+        epoch, i = divmod(i, len(self)) if i >= len(self) else (self.epoch, i)
         s = self.reader[i]
-        view = self.view_of(self.epoch)
+        view = self.view_of(epoch)
         try:
             image = load_image(SampleRef.from_sample(s))
             params = ViewParams.from_array(s["views"][view])
@@ -84,6 +87,24 @@ class ViewDataset(Dataset):
             if self.on_corrupt == "skip":
                 return None
             raise type(e)(f"{e} [shard {s['shard']}, sample {s['key']!r}]") from None
+
+
+class EpochOrder(Sampler[int]):
+    """Each epoch's shuffled order of n samples (torch.randperm seeded by seed and epoch), yielded as
+    epoch · n + i, so that a DataLoader's persistent workers read the right epoch's view."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter((torch.randperm(self.n, generator=g) + self.epoch * self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def collate_skipping(items):

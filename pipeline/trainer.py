@@ -24,7 +24,7 @@ import timm.utils
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from scalekd.distiller import LOSS_TERMS, ScaleKDDistiller
 from scalekd.presets import preset
@@ -38,7 +38,7 @@ from .late import CacheMismatchError, build_late, check_teacher_matches
 from .output_guard import OutputLock
 from .reader import CacheReader
 from .recipes import recipe as named_recipe
-from .train_data import ModelInput, ViewDataset, collate_skipping
+from .train_data import EpochOrder, ModelInput, ViewDataset, collate_skipping
 
 __all__ = ["train", "export_student", "evaluate", "check_relocated_dataset", "CheckpointWriteError",
            "IncompleteCacheError", "RunFolderError", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
@@ -188,7 +188,8 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
     with torch.inference_mode():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            top5 = model(x).topk(5, dim=-1).indices
+            logits = model(x)
+            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # a head of fewer than 5 classes
             correct1 += (top5[:, 0] == y).sum().item()
             correct5 += (top5 == y[:, None]).any(-1).sum().item()
     model.train(was)
@@ -392,17 +393,19 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
     from tqdm import tqdm
 
     done_steps = 0
+    # One loader for the whole run, its workers kept between epochs (the reader's metadata is
+    # memory-mapped, so they stay small): the order carries each index's epoch, hence its view.
+    order = EpochOrder(len(data), spec.seed)
+    # this rank's slice of each global batch of the single-process order
+    sampler = distributed.GlobalBatchSlices(order, batch, world.rank, world.size) if world else order
+    loader = DataLoader(data, batch_size=local if world else batch, sampler=sampler, num_workers=spec.workers,
+                        drop_last=True, collate_fn=collate_skipping, pin_memory=pin,
+                        persistent_workers=spec.workers > 0, multiprocessing_context="fork" if spec.workers else None)
     for epoch in range(start_epoch, rec["epochs"]):
         data.set_epoch(epoch)  # view e mod K; the shuffle is seeded by epoch, so a resumed run replays it
-        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(spec.seed * 100_003 + epoch))
-        if world:
-            # this rank's slice of each global batch of the single-process order
-            sampler = distributed.GlobalBatchSlices(sampler, batch, world.rank, world.size)
-            # own random streams per rank (drop-path masks), replayed alike by a resumed run
+        order.set_epoch(epoch)
+        if world:  # own random streams per rank (drop-path masks), replayed alike by a resumed run
             torch.manual_seed(hash((spec.seed, epoch, world.rank)) % 2**63)
-        loader = DataLoader(data, batch_size=local if world else batch, sampler=sampler, num_workers=spec.workers,
-                            drop_last=True, collate_fn=collate_skipping, pin_memory=pin,
-                            persistent_workers=False, multiprocessing_context="fork" if spec.workers else None)
         distiller.train()
         sums, seen, t0 = {k: 0.0 for k in (*LOSS_TERMS, "loss")}, 0, time.perf_counter()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{rec['epochs']}", disable=not progress, file=sys.stderr)

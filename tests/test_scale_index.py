@@ -247,3 +247,28 @@ def test_a_webdataset_input_cache_replays_its_views_by_offset(tmp_path):
             pixels = render_view(load_image(SampleRef.from_sample(s)), ViewParams.from_array(s["views"][v]),
                                  tuple(t["input_size"][1:]), t["interpolation"])
             assert fingerprint(pixels) == s["fingerprints"][v]
+
+
+def test_persistent_workers_read_each_epochs_view_in_the_same_order_as_before(world):
+    """One DataLoader for the whole run, its workers kept: the index carries the epoch, so epoch e
+    reads view e mod K; the order is RandomSampler's for the same seed (resumes replay it)."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    from pipeline.train_data import EpochOrder, ModelInput, ViewDataset, collate_skipping
+
+    reader = CacheReader(world["caches"]["zarr"])
+    mi = ModelInput((32, 32), "bicubic", (0.5,) * 3, (0.5,) * 3)
+    data = ViewDataset(reader, mi, mi)
+    order = EpochOrder(len(data), seed=7)
+    loader = DataLoader(data, batch_size=3, sampler=order, num_workers=2, persistent_workers=True,
+                        collate_fn=collate_skipping, multiprocessing_context="fork")
+    for epoch in range(3):
+        order.set_epoch(epoch)
+        items = [b for b in loader]
+        seen = torch.cat([b["index"] for b in items]).tolist()
+        expected = list(RandomSampler(data, generator=torch.Generator().manual_seed(7 * 100_003 + epoch)))
+        assert seen == expected
+        assert {int(v) for b in items for v in b["view"]} == {epoch % 2}
+        i = seen[0]
+        assert np.array_equal(items[0]["final"][0].numpy(), reader.read(i, epoch % 2)["final"])
