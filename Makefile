@@ -67,6 +67,7 @@ bench-quick: setup
 	$(BIN)/python bench/step.py --quick --json .work/results-step-quick.json
 	$(BIN)/python bench/throughput.py --quick --json .work/results-throughput-quick.json
 	$(BIN)/python bench/memory.py --quick --json .work/memory-quick.json
+	$(BIN)/python bench/scale.py --quick
 
 clean:
 	rm -rf .work cache runs

@@ -356,6 +356,8 @@ def measure_driver(args) -> dict:
     from pipeline.ledger import SAVE_EVERY, Ledger
     from pipeline.schema import MANIFEST
 
+    import pipeline.cache_job  # noqa: F401 - the driver's libraries (torch, timm, Ray's client side) are its baseline
+
     paths = make_paths(args)
     cache = paths["cache"]
     m = json.loads((cache / MANIFEST).read_text())
@@ -369,8 +371,11 @@ def measure_driver(args) -> dict:
                                                                   "shards", "index", "skipped")},
                     m["num_shards_expected"], skipped)
     scan = time.perf_counter() - t
-    tasks = shard_tasks(refs, m["samples_per_shard"], done=ledger)  # none left: the job is complete
-    del refs
+    ledger_rss = rss_mb()
+    tasks = shard_tasks(refs, m["samples_per_shard"])  # a fresh job's tasks (every shard pending)
+    tasks_rss = rss_mb()
+    n_tasks = len(tasks)
+    del refs, tasks
     saves = -(-len(ledger) // SAVE_EVERY)
     t = time.perf_counter()
     for _ in range(saves):  # what a full run writes while it runs
@@ -380,7 +385,9 @@ def measure_driver(args) -> dict:
     t = time.perf_counter()
     ledger.finish()
     consolidate = time.perf_counter() - t
-    return {"shards": len(ledger), "pending_tasks": len(tasks), "listing_s": round(listing, 1),
+    return {"shards": len(ledger), "tasks": n_tasks, "listing_s": round(listing, 1),
+            "baseline_rss_mb": round(start_rss, 1), "ledger_rss_mb": round(ledger_rss - listing_rss, 1),
+            "tasks_rss_mb": round(tasks_rss - ledger_rss, 1),
             "resume_scan_s": round(scan, 1), "manifest_saves": saves, "manifest_saves_s": round(save_s, 1),
             "manifest_bytes_written": saves * manifest_bytes, "consolidate_index_s": round(consolidate, 1),
             "bookkeeping_s": round(scan + save_s + consolidate, 1),
@@ -412,8 +419,10 @@ def markdown(results: dict) -> str:
          f"workers, {v['workers2_seconds_50k']} s with 2 (rate over {v['images']} JPEGs of 500 × 375)"),
         ("cache-job driver, full run's bookkeeping", f"{d['bookkeeping_s']} s: resume scan {d['resume_scan_s']} s, "
          f"{d['manifest_saves']} manifest writes {d['manifest_saves_s']} s ({d['manifest_bytes_written'] / 1e6:.0f} MB), "
-         f"consolidated index {d['consolidate_index_s']} s; peak RSS {d['peak_rss_mb']} MB (listing: "
-         f"+{d['listing_rss_mb']} MB)"),
+         f"consolidated index {d['consolidate_index_s']} s"),
+        ("cache-job driver, memory", f"libraries {d['baseline_rss_mb']} MB, then the listing +{d['listing_rss_mb']} MB, "
+         f"the shard records +{d['ledger_rss_mb']} MB, a fresh job's {d['tasks']:,} shard tasks +{d['tasks_rss_mb']} MB; "
+         f"peak {d['peak_rss_mb']} MB"),
         ("listing the files", f"{d['listing_s']} s for {o['samples']:,} files"),
         ("webdataset inputs with .json side members", f"{i['side_members']:,} side members, {i['skipped']} skipped; "
          f"listing {i['samples']:,} samples in {i['listing_s']} s"),
