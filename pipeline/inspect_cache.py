@@ -151,7 +151,7 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
     else:
         import tarfile
 
-        from .stores.wds_store import ENTRIES
+        from .stores.wds_store import ENTRIES, member_name
 
         for view in range(k):
             try:
@@ -169,7 +169,7 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
             fields = [f for role in m["roles"].values() for f in role["fields"]]
             for row, index_ in enumerate(indices):
                 for j, field in enumerate(fields):
-                    name = f"s{index_:08d}.{field}.npy"
+                    name = member_name(index_, field)
                     if name not in members:
                         problems.append(f"{record['name']}/v{view}.tar: entry {name} missing")
                     elif entries.shape[:3] != (k, n, len(fields)) or entries[view, row, j, 0] != members[name]:

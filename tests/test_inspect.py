@@ -114,9 +114,9 @@ def _flip_byte(root: Path, fmt: str, where: str = "middle") -> str:
         rel = "v1.tar"
         path = root / "shard-00001" / rel
         with tarfile.open(path) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith(".final.npy"))
+            member = next(m for m in tar.getmembers() if m.name.endswith(".final.npy.zst"))
         data = bytearray(path.read_bytes())
-        data[member.offset_data + member.size - 3] ^= 0xFF  # inside the array's data, not a header
+        data[member.offset_data + member.size - 3] ^= 0xFF  # inside the entry's zstd frame, not a tar header
     path.write_bytes(bytes(data))
     return rel
 
