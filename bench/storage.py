@@ -1,7 +1,7 @@
 """Storage study on REAL features: bytes per view for each codec, and the lossy codecs' error on
 both F and φ(F). The demo teacher (ImageNet EfficientNet-Lite0) on the demo's real photos.
 
-    .venv/bin/python bench/storage.py [--views 64] [--json out.json]
+    .venv/bin/python bench/storage.py [--views 64] [--json out.json]     (bench/storage-demo.json: 64 views)
 
 Each view is compressed on its own (as one zarr chunk is), with numcodecs' Zstd and Blosc.
 Then the two stores themselves: the same features written as a zarr and as a webdataset shard for
