@@ -1,16 +1,22 @@
 """Storage study on REAL features: bytes per view for each codec, and the lossy codecs' error on
 both F and φ(F). The demo teacher (ImageNet EfficientNet-Lite0) on the demo's real photos.
 
-    .venv/bin/python bench/storage.py [--views 64] [--json out.json]
+    .venv/bin/python bench/storage.py [--views 64] [--json out.json]     (bench/storage-demo.json: 64 views)
 
 Each view is compressed on its own (as one zarr chunk is), with numcodecs' Zstd and Blosc.
+Then the two stores themselves: the same features written as a zarr and as a webdataset shard for
+every codec (roles final + logits, the default, and with mid), bytes per view of each store's files
+and the cost of reading one view back (one pread + one zstd decode per entry, crc32 checked).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
+import time
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 from numcodecs import Blosc, Zstd
@@ -18,7 +24,8 @@ from numcodecs import Blosc, Zstd
 from pipeline.cache_job import TeacherForward, render_views, resolve_checkpoint, teacher_info_for
 from pipeline.datasets import list_dataset
 from pipeline.job_spec import load_cache_spec
-from pipeline.schema import RoleSpec, decode, encode
+from pipeline.schema import CODECS, RoleSpec, decode, encode
+from pipeline.stores import STORES
 
 
 def real_features(n_views: int) -> dict[str, np.ndarray]:
@@ -78,12 +85,62 @@ def study(features: dict[str, np.ndarray]) -> dict:
     return out
 
 
+def _store_files(folder: Path) -> int:
+    # the store's own files; shard.json and index/ are written alike for both formats (not here)
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def stores(features: dict[str, np.ndarray], per_image: int = 4, level: int = 3, repeats: int = 3) -> dict:
+    """Both stores on the same views, for every codec: bytes per view and the cost of reading a view.
+
+    features: {role: (n_views, *shape)} with n_views a multiple of per_image (views of one sample adjacent)."""
+    n = len(next(iter(features.values()))) // per_image
+    samples = [{"key": f"n{i:08d}/n{i:08d}_{i}", "label": i % 1000, "index": i,
+                "views": [[0.1, 0.2, 0.5, 0.6, float(v % 2)] for v in range(per_image)],
+                "fingerprints": [f"{i * per_image + v:016x}" for v in range(per_image)]} for i in range(n)]
+    out = {}
+    for roles in (("final", "logits"), ("final", "mid", "logits")):
+        for codec in CODECS:
+            specs = {r: RoleSpec(r, features[r].shape[1:], codec) for r in roles}
+            fields = {}
+            for r in roles:
+                x = features[r][: n * per_image].reshape(n, per_image, *specs[r].shape)
+                fields |= encode(specs[r], x)
+            row = {}
+            for fmt, store in STORES.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    folder = Path(tmp) / "shard"
+                    t0 = time.perf_counter()
+                    store.write_shard(folder, specs, fields, samples, per_image, level)
+                    write_s = time.perf_counter() - t0
+                    size = _store_files(folder)
+                    shard = store.open_shard(folder, specs)
+                    shard.read(0, 0)  # open the files (a reader keeps them open)
+                    best = float("inf")
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        for i in range(n):
+                            for v in range(per_image):
+                                shard.read(i, v)
+                        best = min(best, time.perf_counter() - t0)
+                    shard.close()
+                entries = sum(len(s.fields()) for s in specs.values())
+                row[fmt] = {"bytes_per_view": round(size / (n * per_image), 1),
+                            "read_us_per_view": round(best / (n * per_image) * 1e6, 1),
+                            "read_us_per_entry": round(best / (n * per_image * entries) * 1e6, 1),
+                            "write_ms_per_view": round(write_s / (n * per_image) * 1e3, 3)}
+            row["webdataset_over_zarr"] = round(row["webdataset"]["bytes_per_view"] / row["zarr"]["bytes_per_view"] - 1, 4)
+            out[f"{'+'.join(roles)} {codec}"] = row
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--views", type=int, default=64)
     p.add_argument("--json")
     a = p.parse_args(argv)
-    result = study(real_features(a.views)) | {"views": a.views}
+    features = real_features(a.views)
+    result = study(features) | {"stores": stores(features)} | {"views": a.views}
     text = json.dumps(result, indent=1)
     if a.json:
         open(a.json, "w").write(text)

@@ -104,14 +104,21 @@ def inspect_shards(
     path: Path = typer.Argument(..., help="a cache folder (the one holding manifest.json)"),
     verify_: bool = typer.Option(False, "--verify", help="check every shard's checksum, schema and completeness"),
     recompute_: int = typer.Option(0, "--recompute", metavar="N", help="re-run the teacher on N stored views and compare"),
+    check_late_: int = typer.Option(0, "--check-late", metavar="N",
+                                    help="run the teacher's late alone on N stored mid views and compare with the "
+                                         "stored final (needs a cache with the mid role; no early part, no images)"),
+    late_checkpoint: Optional[Path] = typer.Option(None, "--late-checkpoint",
+                                                   help="with --check-late: the late weights to check (default: the "
+                                                        "cache's own checkpoint)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the final features' frequency spectrum to this PNG"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """What is in a cache, is it intact, and what does its spectrum look like.
 
-    Exits 1 when --verify finds a corrupt, missing or extra shard (each is named).
+    Exits 1 when --verify finds a corrupt, missing or extra shard (each is named), or when
+    --check-late finds late's output on stored mid differing from stored final.
     """
-    from .inspect_cache import describe, plot_spectrum, recompute, verify
+    from .inspect_cache import check_late, describe, plot_spectrum, recompute, verify
     from .schema import ManifestError
 
     checked = None
@@ -124,6 +131,8 @@ def inspect_shards(
             report["verify"] = checked
         if recompute_:
             report["recompute"] = recompute(path, recompute_)
+        if check_late_:
+            report["check_late"] = check_late(path, check_late_, checkpoint=late_checkpoint)
         if plot:
             report["plot"] = str(plot_spectrum(path, plot))
     except (ManifestError, ValueError, FileNotFoundError, OSError) as e:
@@ -135,13 +144,13 @@ def inspect_shards(
         typer.echo(json.dumps(report, indent=2))
     else:
         _print_report(dict(report))
-    if checked is not None and not checked["ok"]:
+    if (checked is not None and not checked["ok"]) or not report.get("check_late", {}).get("ok", True):
         raise typer.Exit(1)
 
 
 def _print_report(report: dict) -> None:
     roles = report.pop("roles")
-    checks = {k: report.pop(k) for k in ("verify", "recompute", "plot") if k in report}
+    checks = {k: report.pop(k) for k in ("verify", "recompute", "check_late", "plot") if k in report}
     for key, value in report.items():
         typer.echo(f"{key:>26}: {value}")
     typer.echo(f"{'roles':>26}:")
@@ -156,6 +165,11 @@ def _print_report(report: dict) -> None:
         r = checks["recompute"]
         typer.echo(f"{'recompute':>26}: {r['views_checked']} views; max |diff| {r['max_abs_diff']}; "
                    f"max rel L2 {r['max_rel_l2']}; fingerprint mismatches {len(r['fingerprint_mismatches'])}")
+    if "check_late" in checks:
+        r = checks["check_late"]
+        typer.echo(f"{'check-late':>26}: {'OK' if r['ok'] else 'MISMATCH'}: late({r['checkpoint']}) on "
+                   f"{r['views_checked']} stored mid views; max rel L2 {r['max_rel_l2']} (tolerance "
+                   f"{r['tolerance']}); max |diff| {r['max_abs_diff']}")
     if "plot" in checks:
         typer.echo(f"{'spectrum plot':>26}: {checks['plot']}")
 

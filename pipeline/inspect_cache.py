@@ -12,7 +12,7 @@ from .sample_index import INDEX_DIR, SampleIndex
 from .schema import MANIFEST, SHARD_META, SHARD_PREFIX, ManifestError, read_manifest
 from .shards import verify_shard
 
-__all__ = ["describe", "verify", "recompute", "dct_matrix", "spectrum", "plot_spectrum"]
+__all__ = ["describe", "verify", "recompute", "check_late", "LATE_TOLERANCE", "dct_matrix", "spectrum", "plot_spectrum"]
 
 
 def _view_indices(reader: CacheReader, n: int) -> list[tuple[int, int]]:
@@ -151,7 +151,7 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
     else:
         import tarfile
 
-        from .stores.wds_store import ENTRIES
+        from .stores.wds_store import ENTRIES, member_name
 
         for view in range(k):
             try:
@@ -169,7 +169,7 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
             fields = [f for role in m["roles"].values() for f in role["fields"]]
             for row, index_ in enumerate(indices):
                 for j, field in enumerate(fields):
-                    name = f"s{index_:08d}.{field}.npy"
+                    name = member_name(index_, field)
                     if name not in members:
                         problems.append(f"{record['name']}/v{view}.tar: entry {name} missing")
                     elif entries.shape[:3] != (k, n, len(fields)) or entries[view, row, j, 0] != members[name]:
@@ -212,6 +212,48 @@ def recompute(root: str | Path, n: int = 4, device: str = "cpu") -> dict:
             rel[r] = max(rel[r], float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)))
     return {"views_checked": len(checked), "max_abs_diff": worst, "max_rel_l2": rel,
             "fingerprint_mismatches": mismatched}
+
+
+# relative L2 that storage rounding stays under (fp16 ~1e-3; int8 mid ~1e-2, up to 3e-2 after late);
+# other late weights than the cache's give ~0.4 and more (tests/test_inspect.py)
+LATE_TOLERANCE = 0.05
+
+
+def check_late(root: str | Path, n: int = 4, checkpoint: str | Path | None = None, device: str = "cpu",
+               tolerance: float = LATE_TOLERANCE) -> dict:
+    """The trainer's ``late`` alone on n stored ``mid`` views, compared with the stored ``final`` (and
+    logits): do the cache and these late weights agree? No early part, no images.
+
+    checkpoint: the late weights to check (default: the checkpoint the manifest records; another
+    file is loaded without the manifest's checksum check, which is what is being tested).
+    Returns views checked, max |diff| and max relative L2 per role, and ok (every rel L2 ≤ tolerance)."""
+    import torch
+
+    from .late import build_late
+
+    reader = CacheReader(root)
+    if "mid" not in reader.specs:
+        raise ValueError(f"{Path(root) / MANIFEST}: the cache stores roles {list(reader.specs)}, no 'mid', so late "
+                         f"cannot be re-run on it; --check-late needs a cache made with roles: {{mid: fp16, ...}}")
+    teacher = dict(reader.manifest["teacher"])
+    if checkpoint is not None:
+        teacher |= {"checkpoint": str(checkpoint), "checkpoint_sha256": None}
+    late = build_late(teacher, device=device)
+    picked = _view_indices(reader, n)
+    compared = [r for r in ("final", "logits") if r in reader.specs]
+    worst = {r: 0.0 for r in compared}
+    rel = {r: 0.0 for r in compared}
+    for i, v in picked:
+        stored = reader.read(i, v, ["mid", *compared])
+        with torch.inference_mode():
+            final, logits = late.forward_with_logits(torch.from_numpy(stored["mid"][None]).to(device))
+        live = {"final": final, "logits": logits}
+        for r in compared:
+            a, b = stored[r], live[r][0].float().cpu().numpy()
+            worst[r] = max(worst[r], float(np.abs(a - b).max()))
+            rel[r] = max(rel[r], float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)))
+    return {"views_checked": len(picked), "checkpoint": teacher.get("checkpoint"), "max_abs_diff": worst,
+            "max_rel_l2": rel, "tolerance": tolerance, "ok": all(x <= tolerance for x in rel.values())}
 
 
 def dct_matrix(n: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from _cache_helpers import make_imagefolder, make_spec, manifest, run, save_checkpoint
 from pipeline.cli import app
-from pipeline.inspect_cache import dct_matrix, describe, plot_spectrum, recompute, spectrum, verify
+from pipeline.inspect_cache import check_late, dct_matrix, describe, plot_spectrum, recompute, spectrum, verify
 from pipeline.reader import CacheReader
 
 
@@ -114,9 +114,9 @@ def _flip_byte(root: Path, fmt: str, where: str = "middle") -> str:
         rel = "v1.tar"
         path = root / "shard-00001" / rel
         with tarfile.open(path) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith(".final.npy"))
+            member = next(m for m in tar.getmembers() if m.name.endswith(".final.npy.zst"))
         data = bytearray(path.read_bytes())
-        data[member.offset_data + member.size - 3] ^= 0xFF  # inside the array's data, not a header
+        data[member.offset_data + member.size - 3] ^= 0xFF  # inside the entry's zstd frame, not a tar header
     path.write_bytes(bytes(data))
     return rel
 
@@ -220,6 +220,48 @@ def test_recompute_refuses_a_changed_checkpoint(caches, tmp_path):
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="the cache was made from"):
         recompute(root, 1)
+
+
+# ---------------------------------------------------------------------------------------------- check-late
+
+
+@pytest.mark.parametrize("name", ["zarr", "webdataset"])
+def test_check_late_on_stored_mid_matches_stored_final(caches, name):
+    r = check_late(getattr(caches, name), 5)
+    assert r["views_checked"] == 5 and r["ok"] is True and set(r["max_rel_l2"]) == {"final", "logits"}
+    assert all(v < 1e-5 for v in r["max_rel_l2"].values()), r  # fp32 cache: late's own arithmetic only
+
+
+def test_check_late_passes_a_lossy_cache_within_storage_precision(caches):
+    r = check_late(caches.lossy, 4)  # mid int8, final int8dc
+    assert r["ok"] is True and 0 < r["max_rel_l2"]["final"] < 0.02 and r["max_rel_l2"]["logits"] < 0.05, r
+
+
+def test_check_late_with_other_late_weights_shows_a_clear_difference(caches, tmp_path):
+    other = save_checkpoint(tmp_path / "other.safetensors", seed=1)
+    r = check_late(caches.zarr, 3, checkpoint=other)
+    assert r["ok"] is False and r["checkpoint"] == str(other)
+    assert r["max_rel_l2"]["final"] > 0.3, r  # vs < 1e-5 with the cache's own weights
+    result = _inspect(caches.zarr, "--check-late", 3, "--late-checkpoint", other)
+    assert result.exit_code == 1, result.output
+    assert "check-late: MISMATCH" in result.output
+
+
+def test_check_late_without_mid_says_so(caches, tmp_path):
+    out = tmp_path / "nomid"
+    run(make_spec(caches.data, out, caches.ckpt, roles={"final": "fp16", "logits": "fp16"}), max_shards=1)
+    with pytest.raises(ValueError) as e:
+        check_late(out, 2)
+    assert str(e.value) == (f"{out}/manifest.json: the cache stores roles ['final', 'logits'], no 'mid', so late "
+                            f"cannot be re-run on it; --check-late needs a cache made with roles: {{mid: fp16, ...}}")
+    result = _inspect(out, "--check-late", 2)
+    assert result.exit_code == 2 and "no 'mid'" in result.output
+
+
+def test_check_late_cli_reports_ok(caches):
+    result = _inspect(caches.webdataset, "--check-late", 2)
+    assert result.exit_code == 0, result.output
+    assert "check-late: OK" in result.output
 
 
 # ---------------------------------------------------------------------------------------------- spectrum

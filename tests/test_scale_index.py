@@ -125,7 +125,7 @@ def test_a_flipped_byte_in_a_webdataset_entry_is_caught_on_read(world, tmp_path)
     offset, size, _ = entries[0, 1, 0]  # view 0, row 1 (sample 3), first field (final)
     tar = out / "shard-00001" / "v0.tar"
     raw = bytearray(tar.read_bytes())
-    raw[offset + size - 7] ^= 0x10  # a byte of the array data, not of its .npy header
+    raw[offset + size - 7] ^= 0x10  # a byte of the entry's zstd frame, not of a tar header
     tar.write_bytes(bytes(raw))
     reader = CacheReader(out)
     reader.read(2, 0)  # the other sample of the shard is intact

@@ -3,9 +3,14 @@
 An epoch that uses view k reads only the v{k}.tar files, streamed in order by plain webdataset
 (``webdataset.WebDataset("cache/shard-{00000..00099}/v0.tar")``) or by index, as our reader does.
 Each sample of a tar: ``s<index>.json`` (key, label, view parameters, fingerprint) and one
-``s<index>.<field>.npy`` per stored field. Only .npy and .json entries exist; nothing is pickled.
-``entries.npy`` beside the tars records every .npy entry's data offset, size and crc32 at commit
-time, so a read is one pread per field with no tar header parsed, and every read is checked.
+``s<index>.<field>.npy.zst`` per stored field: the field's .npy file compressed by zstd (numcodecs'
+Zstd, zarr's codec, at the job's ``compression_level``, with zstd's content checksum), one
+self-contained zstd frame per entry, so the same cache is about as large here as in zarr. Only
+.npy.zst and .json entries exist; nothing is pickled. Plain webdataset streams a view's tars with
+one decoder handler for the .npy.zst entries (``npy_zst`` below; README, Storage).
+``entries.npy`` beside the tars records every .npy.zst entry's data offset, size and crc32 (of the
+stored, compressed bytes) at commit time, so a read is one pread and one zstd decode per field with
+no tar header parsed, and every read is checked.
 
 Written with the standard tarfile module rather than webdataset's TarWriter: headers are stamped
 with mtime 0 and a fixed owner, so re-running a shard gives byte-identical files and checksums.
@@ -20,17 +25,27 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from numcodecs import Zstd
 
 from ..schema import RoleSpec
 
-__all__ = ["write_shard", "open_shard", "member_name", "missing_entries", "ENTRIES", "field_order"]
+__all__ = ["write_shard", "open_shard", "member_name", "missing_entries", "ENTRIES", "EXTENSION", "field_order",
+           "npy_zst"]
+
+EXTENSION = "npy.zst"
 
 
 def member_name(index: int, field: str) -> str:
-    return f"s{index:08d}.{field}.npy"
+    return f"s{index:08d}.{field}.{EXTENSION}"
 
 
-ENTRIES = "entries.npy"  # int64 (K, n, fields, 3): data offset, size and crc32 of every .npy entry
+ENTRIES = "entries.npy"  # int64 (K, n, fields, 3): data offset, size and crc32 of every .npy.zst entry
+_ZSTD = Zstd()  # decoding needs no level
+
+
+def npy_zst(data: bytes) -> np.ndarray:
+    """One .npy.zst entry's bytes → its array (what a plain-webdataset user's handler does)."""
+    return np.load(io.BytesIO(_ZSTD.decode(data)), allow_pickle=False)
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> int:
@@ -56,6 +71,7 @@ def field_order(specs: dict[str, RoleSpec]) -> list[tuple[str, tuple[int, ...], 
 def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.ndarray], samples: list[dict],
                 num_views: int, level: int = 3) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    codec = Zstd(level=level, checksum=True)
     order = field_order(specs)
     entries = np.zeros((num_views, len(samples), len(order), 3), np.int64)
     for view in range(num_views):
@@ -65,7 +81,7 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
                         "view": s["views"][view], "fingerprint": s["fingerprints"][view]}
                 _add(tar, f"s{s['index']:08d}.json", json.dumps(meta).encode())
                 for j, (field, _, _) in enumerate(order):
-                    payload = _npy(fields[field][row, view])
+                    payload = bytes(codec.encode(_npy(fields[field][row, view])))
                     offset = _add(tar, member_name(s["index"], field), payload)
                     entries[view, row, j] = (offset, len(payload), zlib.crc32(payload))
     np.save(folder / ENTRIES, entries, allow_pickle=False)
@@ -88,8 +104,9 @@ def missing_entries(folder: Path, specs: dict[str, RoleSpec], samples: list[dict
 
 
 class TarShard:
-    """A committed shard's tars, read by the offsets recorded at commit: one pread per field, its
-    crc32 checked on every read (a flipped byte is an error, not a wrong target)."""
+    """A committed shard's tars, read by the offsets recorded at commit: one pread and one zstd
+    decode per field, its crc32 checked on every read (a flipped byte is an error, not a wrong
+    target; zstd's own checksum then guards the decoded bytes)."""
 
     def __init__(self, folder: Path, specs: dict[str, RoleSpec], meta: dict | None = None):
         self.folder, self.specs = Path(folder), specs
@@ -120,11 +137,12 @@ class TarShard:
                     raise ValueError(f"{where} is cut short ({len(payload)} of {size} bytes)")
                 if zlib.crc32(payload) != crc:
                     raise ValueError(f"{where} fails its crc32 (the tar is damaged; run inspect-shards --verify)")
+                payload = _ZSTD.decode(payload)
                 header = self.headers[field]
                 if payload.startswith(header) and len(payload) - len(header) == int(np.prod(shape)) * np.dtype(dtype).itemsize:
                     out[field] = np.frombuffer(payload, dtype, offset=len(header)).reshape(shape)
                 else:  # written by another numpy (other header padding): parse it
-                    out[field] = np.load(io.BytesIO(payload), allow_pickle=False)
+                    out[field] = np.load(io.BytesIO(bytes(payload)), allow_pickle=False)
         return out
 
     def close(self) -> None:
