@@ -272,3 +272,19 @@ def test_persistent_workers_read_each_epochs_view_in_the_same_order_as_before(wo
         assert {int(v) for b in items for v in b["view"]} == {epoch % 2}
         i = seen[0]
         assert np.array_equal(items[0]["final"][0].numpy(), reader.read(i, epoch % 2)["final"])
+
+
+def test_every_codecs_fields_take_the_fast_zarr_path(tmp_path):
+    """int8 fields (whose bytes codec names no endianness) are read by pread too, and equal zarr's own read."""
+    from pipeline.schema import CODECS, RoleSpec, encode
+    from pipeline.stores import zarr_store
+
+    for codec in CODECS:
+        spec = {"final": RoleSpec("final", (4, 6), codec)}
+        fields = encode(spec["final"], np.random.default_rng(0).standard_normal((2, 2, 4, 6), dtype=np.float32))
+        zarr_store.write_shard(tmp_path / codec, spec, fields, [{}] * 2, 2)
+        shard = zarr_store.open_shard(tmp_path / codec, spec)
+        got = shard.read(1, 1)
+        assert all(f.fd is not None for f in shard._fields.values()), codec
+        for name, a in got.items():
+            assert np.array_equal(a, zarr.open_array(str(tmp_path / codec / name), mode="r")[1, 1]), (codec, name)

@@ -132,7 +132,7 @@ def _fast_layout(meta: dict, shape) -> bool:
         return (codec["name"] == "sharding_indexed" and cfg["chunk_shape"] == [1, 1, *shape]
                 and meta["chunk_grid"]["configuration"]["chunk_shape"] == meta["shape"]
                 and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
-                and inner == ["bytes", "zstd"] and cfg["codecs"][0]["configuration"]["endian"] == "little"
+                and inner == ["bytes", "zstd"] and cfg["codecs"][0].get("configuration", {}).get("endian", "little") == "little"  # 1-byte types: none
                 and [c["name"] for c in cfg["index_codecs"]] == ["bytes", "crc32c"]
                 and cfg.get("index_location", "end") == "end" and meta.get("fill_value") in (0, 0.0))
     except (KeyError, TypeError, ValueError):
