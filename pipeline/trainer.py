@@ -41,6 +41,7 @@ from .train_data import ModelInput, ViewDataset, collate_skipping
 __all__ = ["train", "export_student", "evaluate", "CheckpointWriteError", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
 
 CHECKPOINT, STUDENT_FILE, METRICS_FILE, PLOT_FILE = "checkpoint.pt", "student.safetensors", "metrics.jsonl", "curves.png"
+STUDENT_FOLDER = "student"  # the timm model folder: timm.create_model("local-dir:RUN/student", pretrained=True)
 
 
 def _device(name: str) -> torch.device:
@@ -95,16 +96,16 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
     every rank gets the whole dataset's numbers."""
     if not val_spec:
         return {}
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
     from .datasets import list_dataset
+    from .export import eval_data_config
 
     refs, _, _ = list_dataset(val_spec)
     total = len(refs)
     if world is not None:
         refs = refs[world.rank :: world.size]
-    args = {"input_size": tuple(input_size)} if input_size else {}
-    transform = create_transform(**resolve_data_config(args, model=model), is_training=False)
+    transform = create_transform(**eval_data_config(model, input_size), is_training=False)
     was = model.training
     model.eval()
     correct1 = correct5 = 0
@@ -133,12 +134,16 @@ def _val_image(ref):
 
 
 def export_student(model: nn.Module, path: Path) -> Path:
-    """The student alone, as safetensors that plain timm loads:
-    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))."""
+    """The student's weights alone, as safetensors that plain timm loads:
+    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path)). The run folder's
+    timm model folder (pipeline/export.py) also records its input size and normalisation."""
     from safetensors.torch import save_file
+
+    from .export import readable
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    readable(tmp)
     os.replace(tmp, path)
     return path
 
@@ -341,11 +346,18 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
     student_file = out / STUDENT_FILE
 
     def finish():
+        from .export import export_timm_folder
+
         export_student(distiller.student.model, student_file)
+        folder = export_timm_folder(distiller.student.model, out / STUDENT_FOLDER, distiller.student.input_size)
+        if not folder["plain_timm"]:
+            log(f"{folder['folder']}: no timm name rebuilds {folder['architecture']}; load it after "
+                f"`import scalekd.student`, which registers that name")
         return _plot(metrics, out / PLOT_FILE) if metrics else None
 
     plot = world.from_main(finish) if world else finish()  # every rank returns once the files are there
-    return {"student": str(student_file), "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
+    return {"student": str(student_file), "student_folder": str(out / STUDENT_FOLDER),
+            "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
             "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None} | _rank_of(world)
 
 
