@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scalekd.teacher import TeacherInfo, split_teacher, teacher_family
+from scalekd.teacher import TeacherInfo
 
 from .datasets import BadImage, SampleRef, list_dataset, load_image
 from .job_spec import CacheSpec, work_dir
@@ -63,13 +63,16 @@ def resolve_checkpoint(teacher: dict) -> str | None:
 
 
 def teacher_info_for(teacher: dict) -> TeacherInfo:
-    """The split's shapes without loading any weights (the model is built on the meta device)."""
-    teacher_family(teacher["name"])
-    import timm
+    """The split's shapes without loading any weights (the model is built on the meta device), after the
+    spec-time checks (pipeline/pitfalls.py): a teacher with no head, pretrained weights out of reach."""
+    from .pitfalls import check_pretrained_reachable, check_teacher_head
+    from .teacher_report import meta_split
 
-    with torch.device("meta"):
-        model = timm.create_model(teacher["name"], **teacher.get("kwargs", {}))
-    return split_teacher(model, teacher["name"], late_blocks=teacher.get("late_blocks", 2)).info
+    info = meta_split(teacher["name"], late_blocks=teacher.get("late_blocks", 2), **teacher.get("kwargs", {})).info
+    check_teacher_head(teacher["name"], info.num_classes)
+    if teacher.get("pretrained") and not teacher.get("checkpoint"):
+        check_pretrained_reachable(teacher["name"])
+    return info
 
 
 def _role_specs(spec: CacheSpec, info: TeacherInfo) -> dict[str, RoleSpec]:

@@ -22,24 +22,45 @@ def _root() -> None:
 @app.command("teacher-info")
 def teacher_info(
     name: str = typer.Argument(..., help="timm model name of the teacher, e.g. swin_large_patch4_window7_224"),
-    checkpoint: Optional[Path] = typer.Option(None, help="local weights (.safetensors or a torch state dict)"),
+    checkpoint: Optional[Path] = typer.Option(None, help="local weights (.safetensors or a torch state dict): "
+                                                         "checked against the model, its sha256 shown"),
     late_blocks: int = typer.Option(2, help="transformer blocks in the late part (plain ViT teachers)"),
+    kwargs: Optional[str] = typer.Option(None, "--kwargs", metavar="JSON",
+                                         help='timm model arguments, as the job spec\'s teacher.kwargs, e.g. \'{"num_classes": 1000}\''),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
-    """Show where a teacher is split into early and late, and the shapes that cross the split."""
-    from .weights import load_teacher
+    """Show where a teacher is split into early and late, and the shapes that cross the split.
 
+    The model is built on the meta device: no weights are initialised or loaded.
+    """
+    from .teacher_report import describe_teacher
+
+    model_kwargs = _json_object(kwargs, "--kwargs")
     try:
-        split, sha = load_teacher(name, checkpoint=checkpoint, late_blocks=late_blocks)
+        info, warnings = describe_teacher(name, checkpoint=checkpoint, late_blocks=late_blocks, **model_kwargs)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None
-    info = split.info.to_dict() | {"checkpoint_sha256": sha}
-    info |= {f"{part}_params": n for part, n in split.parameter_counts().items()}
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
         typer.echo(f"{key:>18}: {value}")
+
+
+def _json_object(text: str | None, option: str) -> dict:
+    """A JSON object given on the command line ({} when not given); a usage error otherwise."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not valid JSON ({e.msg} at character {e.pos}): {text}", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"expected a JSON object such as '{{\"num_classes\": 1000}}', found {text}",
+                                 param_hint=option)
+    return value
 
 
 def main() -> None:  # pragma: no cover

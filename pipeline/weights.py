@@ -73,6 +73,10 @@ def load_teacher(
     teacher_family(name)  # a clear error for an unsupported name before anything is built
     if checkpoint is not None and pretrained:
         raise ValueError("give either a checkpoint file or pretrained=True, not both")
+    if pretrained:  # fail in a second, not after a minute of retries, where the weights cannot come
+        from .pitfalls import check_pretrained_reachable
+
+        check_pretrained_reachable(name)
     model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
     sha = None
     if checkpoint is not None:
