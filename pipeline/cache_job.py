@@ -518,8 +518,9 @@ def summarize(root: Path, seconds: float | None = None, new_samples: int = 0) ->
     stored = sum(s["bytes"] for s in m["shards"])
     raw = views * sum(int(np.prod(r["shape"])) * 4 for r in m["roles"].values())
     out = {"cache": str(root), "format": m["format"], "complete": m["complete"], "samples": m["num_samples"],
-           "views": views, "shards": len(m["shards"]), "skipped": len(m["skipped"]), "bytes_on_disk": stored,
-           "raw_fp32_bytes": raw, "compression_ratio": round(raw / stored, 3) if stored else None}
+           "views": views, "shards": len(m["shards"]), "shards_expected": m.get("num_shards_expected"),
+           "skipped": len(m["skipped"]), "bytes_on_disk": stored, "raw_fp32_bytes": raw,
+           "compression_ratio": round(raw / stored, 3) if stored else None}  # the name inspect-shards uses too
     if seconds is not None:
         out |= {"seconds": round(seconds, 2), "new_samples": new_samples,
                 "samples_per_s": round(new_samples / seconds, 2) if new_samples else None}

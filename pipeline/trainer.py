@@ -42,6 +42,7 @@ __all__ = ["train", "export_student", "evaluate", "CheckpointWriteError", "CHECK
 
 CHECKPOINT, STUDENT_FILE, METRICS_FILE, PLOT_FILE = "checkpoint.pt", "student.safetensors", "metrics.jsonl", "curves.png"
 STUDENT_FOLDER = "student"  # the timm model folder: timm.create_model("local-dir:RUN/student", pretrained=True)
+JOB_SPEC_FILE = "job.yaml"  # the run's resolved job spec
 
 
 def _device(name: str) -> torch.device:
@@ -88,7 +89,7 @@ def build_run(spec: TrainSpec, device: torch.device):
 
 
 def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, batch_size: int = 64,
-             world: World | None = None) -> dict:
+             world: World | None = None, progress: bool = False, desc: str = "validation") -> dict:
     """top-1/top-5 (%) of a timm classifier on a labelled dataset, with timm's own eval transform
     (resize, centre crop by crop_pct, normalise) at input_size (3, H, W) or the model's default.
 
@@ -109,6 +110,9 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
     was = model.training
     model.eval()
     correct1 = correct5 = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(refs), desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
     with torch.inference_mode():
         for i in range(0, len(refs), batch_size):
             chunk = refs[i : i + batch_size]
@@ -117,6 +121,8 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
             top5 = model(x).topk(5, dim=-1).indices
             correct1 += (top5[:, 0] == y).sum().item()
             correct5 += (top5 == y[:, None]).any(-1).sum().item()
+            bar.update(len(chunk))
+    bar.close()
     model.train(was)
     if world is not None:
         correct1, correct5 = (int(c) for c in world.sum(torch.tensor([correct1, correct5])))
@@ -153,6 +159,12 @@ class CheckpointWriteError(RuntimeError):
 
 
 def _save_epoch(out: Path, ckpt_path: Path, metrics: list[dict], state: dict) -> None:
+    # The checkpoint holds what an exact resume needs and nothing else: the student and the CAPs, the
+    # optimizer's state for each of their parameters, the scheduler, the RNG, the metrics, the spec key.
+    # Its size is the CAPs' and the optimizer's: for the demo (ResNet-18 student, EfficientNet-Lite0
+    # teacher) the student is 47 MB, its four CAPs 180 MB (each stage-4 CAP 87 MB, 52 MB of it the FFN
+    # at the teacher's 1280 channels), and AdamW keeps two moments per parameter: 3 × 227 MB = 681 MB.
+    # The exported student (student/, student.safetensors) is the 47 MB.
     """metrics.jsonl, then the checkpoint, each written aside and renamed into place: a kill or a
     full disk mid-write leaves the previous file whole. The metrics file is rewritten whole from
     the checkpointed history, so a kill between the two cannot give a resumed run a duplicate line."""
@@ -174,24 +186,48 @@ def _save_epoch(out: Path, ckpt_path: Path, metrics: list[dict], state: dict) ->
                                    f"again with --resume") from e
 
 
-def _plot(metrics: list[dict], path: Path) -> Path:
+def _write_job_spec(spec: TrainSpec, rec: dict, path: Path) -> None:
+    """The resolved job spec (command-line overrides applied) as a job YAML that reruns this run."""
+    import yaml
+
+    resolved = json.loads(json.dumps(spec.to_dict()))  # tuples → lists: plain YAML
+    text = (f"# The resolved job spec of this run (command-line overrides applied); rerun it with\n"
+            f"#   scalekd-pipeline distill {path}\n"
+            f"# Recipe {spec.recipe!r} as applied: {json.dumps(rec)}\n"
+            + yaml.safe_dump({"distill": resolved}, sort_keys=False))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _plot(metrics: list[dict], path: Path, title: str = "") -> Path:
+    """Loss terms, validation accuracy and learning rate by epoch (1-based, as in metrics.jsonl)."""
     from .plotting import pyplot
 
     plt = pyplot()
 
-    epochs = [m["epoch"] + 1 for m in metrics]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [m["epoch"] for m in metrics]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.4))
     for term in (*LOSS_TERMS, "loss"):
         a1.plot(epochs, [m["train"][term] for m in metrics], marker="o", label=term)
     a1.set(xlabel="epoch", ylabel="mean loss term", title="training loss (weighted terms)", yscale="log")
-    a1.legend(fontsize=8)
+    # below the axes, so that no line is hidden behind it
+    a1.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     if any("top1" in m.get("val", {}) for m in metrics):
         a2.plot(epochs, [m["val"].get("top1") for m in metrics], marker="o", label="top-1")
         a2.plot(epochs, [m["val"].get("top5") for m in metrics], marker="o", label="top-5")
-        a2.legend()
+        a2.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     a2.set(xlabel="epoch", ylabel="%", title="validation accuracy")
+    a3.plot(epochs, [m.get("lr") for m in metrics], marker="o", label="first step")
+    a3.plot(epochs, [m.get("lr_last") for m in metrics], marker="x", linestyle="--", label="last step")
+    a3.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+    a3.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    for a in (a1, a2, a3):
+        a.set_xticks(epochs if len(epochs) <= 20 else a.get_xticks())
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -221,6 +257,9 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
     reader, data, distiller, online, rec = build_run(spec, device)
+    if main:
+        _write_job_spec(spec, rec, out / JOB_SPEC_FILE)
+    title = f"{reader.manifest['teacher']['name']} → {spec.student}"
     trainable = nn.ModuleDict({"student": distiller.student, "caps": distiller.caps})
     channels_last = device.type == "cuda" if spec.channels_last is None else spec.channels_last
     if channels_last:  # the student's and CAPs' convolutions in NHWC (bench/results-step-cuda.json)
@@ -277,6 +316,7 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
                             persistent_workers=False, multiprocessing_context="fork" if spec.workers else None)
         distiller.train()
         sums, seen, t0 = {k: 0.0 for k in (*LOSS_TERMS, "loss")}, 0, time.perf_counter()
+        lr_first = lr_last = None
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{rec['epochs']}", disable=not progress, file=sys.stderr)
         for step, b in enumerate(loader):
             if step >= steps:
@@ -305,6 +345,8 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             (terms["loss"] * share if world and share != 1.0 else terms["loss"]).backward()
             if rec.get("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(trainable.parameters(), rec["grad_clip"])
+            lr_last = opt.param_groups[0]["lr"]  # the lr this step uses
+            lr_first = lr_last if lr_first is None else lr_first
             opt.step()
             sched.step_update(epoch * steps + step + 1)
             n = images.shape[0]
@@ -328,9 +370,11 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         seconds = time.perf_counter() - t0
         if world:  # running BN statistics: DDP copies rank 0's buffers before each forward; their mean, as timm's train.py
             timm.utils.distribute_bn(trainable, world.size, reduce=True)
-        val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size, world=world)
-        record = {"epoch": epoch, "view": data.view_of(epoch), "train": {k: v / max(seen, 1) for k, v in sums.items()},
-                  "val": val, "lr": opt.param_groups[0]["lr"], "samples": seen, "seconds": round(seconds, 2),
+        val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size, world=world,
+                       progress=progress, desc=f"validation {epoch + 1}/{rec['epochs']}")
+        # epochs counted from 1, as on the console and the plot; lr: the first and last step's
+        record = {"epoch": epoch + 1, "view": data.view_of(epoch), "train": {k: v / max(seen, 1) for k, v in sums.items()},
+                  "val": val, "lr": lr_first, "lr_last": lr_last, "samples": seen, "seconds": round(seconds, 2),
                   "samples_per_s": round(seen / seconds, 2) if seconds else None}
         metrics.append(record)
         def save(epoch=epoch):
@@ -353,11 +397,12 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         if not folder["plain_timm"]:
             log(f"{folder['folder']}: no timm name rebuilds {folder['architecture']}; load it after "
                 f"`import scalekd.student`, which registers that name")
-        return _plot(metrics, out / PLOT_FILE) if metrics else None
+        return _plot(metrics, out / PLOT_FILE, title) if metrics else None
 
     plot = world.from_main(finish) if world else finish()  # every rank returns once the files are there
     return {"student": str(student_file), "student_folder": str(out / STUDENT_FOLDER),
             "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
+            "job_spec": str(out / JOB_SPEC_FILE),
             "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None} | _rank_of(world)
 
 
