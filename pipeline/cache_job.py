@@ -51,8 +51,14 @@ class CacheConfigError(ValueError):
 
 
 def resolve_checkpoint(teacher: dict) -> str | None:
-    """The checkpoint file path (exporting the built-in demo weights when asked for)."""
+    """The checkpoint file path (exporting the built-in demo weights when asked for). For pretrained: true,
+    None once timm's download is known to be possible: weights out of reach are refused here, before
+    any output exists, instead of after a minute of retries (pipeline/pitfalls.py)."""
     ckpt = teacher.get("checkpoint")
+    if teacher.get("pretrained") and ckpt is None:
+        from .pitfalls import check_pretrained_reachable
+
+        check_pretrained_reachable(teacher["name"])
     if ckpt == BUILTIN_DEMO_TEACHER:
         if teacher["name"] != "tf_efficientnet_lite0":
             raise ValueError(f"{BUILTIN_DEMO_TEACHER} holds tf_efficientnet_lite0 weights, not {teacher['name']}")
@@ -63,15 +69,13 @@ def resolve_checkpoint(teacher: dict) -> str | None:
 
 
 def teacher_info_for(teacher: dict) -> TeacherInfo:
-    """The split's shapes without loading any weights (the model is built on the meta device), after the
-    spec-time checks (pipeline/pitfalls.py): a teacher with no head, pretrained weights out of reach."""
-    from .pitfalls import check_pretrained_reachable, check_teacher_head
+    """The split's shapes without loading any weights (the model is built on the meta device); a teacher
+    with no head is refused here (pipeline/pitfalls.py), before any output exists."""
+    from .pitfalls import check_teacher_head
     from .teacher_report import meta_split
 
     info = meta_split(teacher["name"], late_blocks=teacher.get("late_blocks", 2), **teacher.get("kwargs", {})).info
     check_teacher_head(teacher["name"], info.num_classes)
-    if teacher.get("pretrained") and not teacher.get("checkpoint"):
-        check_pretrained_reachable(teacher["name"])
     return info
 
 

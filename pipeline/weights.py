@@ -122,5 +122,8 @@ def export_demo_teacher(path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(efficientnet_lite0_state_dict(), str(tmp))
+        from .export import readable
+
+        readable(tmp)  # safetensors creates its files 0600
         tmp.replace(path)
     return path

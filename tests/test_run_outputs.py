@@ -113,3 +113,14 @@ def test_the_spectrum_plot_names_the_teacher_the_views_it_averages_and_its_colou
     assert colorbar_axes.get_ylabel() == "mean |DCT coefficient| (over channels and views)"
     assert bars_axes.get_title() == "in order of u + v, then u (DC first, in red)"
     assert "zig-zag" not in " ".join(a.get_title() + a.get_xlabel() for a in fig.axes)
+
+
+def test_validation_shows_a_progress_bar(world, capsys):
+    import timm
+
+    from pipeline.trainer import evaluate
+
+    model = timm.create_model(STUDENT, num_classes=10)
+    result = evaluate(model, world["spec"].val, torch.device("cpu"), (3, 64, 64), progress=True, desc="validation 1/2")
+    err = capsys.readouterr().err
+    assert result["images"] == 6 and "validation 1/2" in err and "6/6" in err
