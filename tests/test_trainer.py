@@ -375,7 +375,7 @@ def test_a_corrupt_shard_stops_training_naming_shard_and_sample_and_keeps_the_ch
     skipping = TrainSpec(**(spec.to_dict() | {"on_corrupt": "skip"}))
     result = train(skipping, resume=True, progress=False, log=lambda m: None)
     last = json.loads(Path(result["metrics"]).read_text().splitlines()[-1])
-    assert last["epoch"] == 1 and 0 < last["samples"] < steps_per_epoch * 4
+    assert last["epoch"] == 2 and 0 < last["samples"] < steps_per_epoch * 4
 
 
 def test_fingerprint_verification_catches_a_changed_image(world, tmp_path):
