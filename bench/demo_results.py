@@ -228,7 +228,7 @@ def run_one(spec, config: Config, keep_checkpoint: bool = False, reuse: bool = F
         "top1": last["val"]["top1"], "top5": last["val"]["top5"], "val_images": last["val"]["images"],
         "epochs": len(epochs), "samples": samples, "seconds": round(seconds, 2), "train_seconds": round(train_s, 2),
         "samples_per_s": round(samples / train_s, 2) if train_s else None,
-        "per_epoch": [{"epoch": e["epoch"] + 1, "view": e["view"], "loss": e["train"]["loss"],
+        "per_epoch": [{"epoch": e["epoch"], "view": e["view"], "loss": e["train"]["loss"],
                        "top1": e["val"]["top1"], "top5": e["val"]["top5"], "seconds": e["seconds"],
                        "samples_per_s": e["samples_per_s"]} for e in epochs],
         "output": str(out), "spec": spec.to_dict(),

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scalekd.teacher import TeacherInfo, split_teacher, teacher_family
+from scalekd.teacher import TeacherInfo
 
 from .datasets import BadImage, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
 from .job_spec import CacheSpec, work_dir
@@ -49,8 +49,14 @@ BUILTIN_DEMO_TEACHER = "builtin:efficientnet-lite0"
 
 
 def resolve_checkpoint(teacher: dict) -> str | None:
-    """The checkpoint file path (exporting the built-in demo weights when asked for)."""
+    """The checkpoint file path (exporting the built-in demo weights when asked for). For pretrained: true,
+    None once timm's download is known to be possible: weights out of reach are refused here, before
+    any output exists, instead of after a minute of retries (pipeline/pitfalls.py)."""
     ckpt = teacher.get("checkpoint")
+    if teacher.get("pretrained") and ckpt is None:
+        from .pitfalls import check_pretrained_reachable
+
+        check_pretrained_reachable(teacher["name"])
     if ckpt == BUILTIN_DEMO_TEACHER:
         if teacher["name"] != "tf_efficientnet_lite0":
             raise ValueError(f"{BUILTIN_DEMO_TEACHER} holds tf_efficientnet_lite0 weights, not {teacher['name']}")
@@ -64,13 +70,14 @@ def resolve_checkpoint(teacher: dict) -> str | None:
 
 
 def teacher_info_for(teacher: dict) -> TeacherInfo:
-    """The split's shapes without loading any weights (the model is built on the meta device)."""
-    teacher_family(teacher["name"])
-    import timm
+    """The split's shapes without loading any weights (the model is built on the meta device); a teacher
+    with no head is refused here (pipeline/pitfalls.py), before any output exists."""
+    from .pitfalls import check_teacher_head
+    from .teacher_report import meta_split
 
-    with torch.device("meta"):
-        model = timm.create_model(teacher["name"], **teacher.get("kwargs", {}))
-    return split_teacher(model, teacher["name"], late_blocks=teacher.get("late_blocks", 2)).info
+    info = meta_split(teacher["name"], late_blocks=teacher.get("late_blocks", 2), **teacher.get("kwargs", {})).info
+    check_teacher_head(teacher["name"], info.num_classes)
+    return info
 
 
 def _role_specs(spec: CacheSpec, info: TeacherInfo) -> dict[str, RoleSpec]:
@@ -559,8 +566,9 @@ def summarize(root: Path, seconds: float | None = None, new_samples: int = 0) ->
     stored = sum(s["bytes"] for s in m["shards"])
     raw = views * sum(int(np.prod(r["shape"])) * 4 for r in m["roles"].values())
     out = {"cache": str(root), "format": m["format"], "complete": m["complete"], "samples": m["num_samples"],
-           "views": views, "shards": len(m["shards"]), "skipped": len(m["skipped"]), "bytes_on_disk": stored,
-           "raw_fp32_bytes": raw, "compression_ratio": round(raw / stored, 3) if stored else None}
+           "views": views, "shards": len(m["shards"]), "shards_expected": m.get("num_shards_expected"),
+           "skipped": len(m["skipped"]), "bytes_on_disk": stored, "raw_fp32_bytes": raw,
+           "compression_ratio": round(raw / stored, 3) if stored else None}  # the name inspect-shards uses too
     if seconds is not None:
         out |= {"seconds": round(seconds, 2), "new_samples": new_samples,
                 "samples_per_s": round(new_samples / seconds, 2) if new_samples else None}

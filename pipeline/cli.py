@@ -1,45 +1,137 @@
-"""scalekd-pipeline: a thin typer layer over the library functions in ``pipeline``."""
+"""scalekd-pipeline: a thin typer layer over the library functions in ``pipeline``.
+
+Exit codes: 0 done; 1 the command ran and failed (a runtime error, or --verify found problems);
+2 the command line or the job spec is wrong (unknown option or choice, missing file, invalid spec).
+"""
 from __future__ import annotations
 
 import json
+import re
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
+
+from .recipes import RECIPES
 
 app = typer.Typer(
     help="ScaleKD with an offline teacher-feature cache: cache a teacher's features once, distil many students.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
+# Choices as enums: --help and shell completion list them, and a wrong value is a usage error (exit 2).
+class Format(str, Enum):
+    zarr = "zarr"
+    webdataset = "webdataset"
+
+
+class Engine(str, Enum):
+    ray = "ray"
+    local = "local"
+
+
+class TargetSource(str, Enum):
+    cache = "cache"
+    online = "online"
+
+
+Recipe = Enum("Recipe", {name: name for name in RECIPES}, type=str)  # pipeline/recipes.py's names
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _device(value: str | None) -> str | None:
+    """auto, cpu, cuda or cuda:N (a choice list cannot hold every N, so it is checked here)."""
+    if value is None or value in DEVICES or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def _complete_device(incomplete: str) -> list[str]:
+    return [d for d in (*DEVICES, "cuda:0") if d.startswith(incomplete)]
+
+
+def _value(choice):
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"scalekd-pipeline {version('scalekd-pipeline')}")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            typer.echo("scalekd-pipeline (not installed)")
+        raise typer.Exit()
+
+
+def _usage_error(e: Exception) -> NoReturn:
+    """The command line or the job spec is wrong: exit 2."""
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+def _runtime_error(e: Exception) -> NoReturn:
+    """The command ran and failed: exit 1."""
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(1)
+
+
 @app.callback()
-def _root() -> None:
-    """Cache a teacher's features (cache-teacher), look into a cache (inspect-shards), show a teacher split (teacher-info)."""
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """Cache a teacher's features (cache-teacher), train students from the cache (distill), look into a
+    cache (inspect-shards), show a teacher split (teacher-info)."""
 
 
 @app.command("teacher-info")
 def teacher_info(
     name: str = typer.Argument(..., help="timm model name of the teacher, e.g. swin_large_patch4_window7_224"),
-    checkpoint: Optional[Path] = typer.Option(None, help="local weights (.safetensors or a torch state dict)"),
+    checkpoint: Optional[Path] = typer.Option(None, help="local weights (.safetensors or a torch state dict): "
+                                                         "checked against the model, its sha256 shown"),
     late_blocks: int = typer.Option(2, help="transformer blocks in the late part (plain ViT teachers)"),
+    kwargs: Optional[str] = typer.Option(None, "--kwargs", metavar="JSON",
+                                         help='timm model arguments, as the job spec\'s teacher.kwargs, e.g. \'{"num_classes": 1000}\''),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
-    """Show where a teacher is split into early and late, and the shapes that cross the split."""
-    from .weights import load_teacher
+    """Show where a teacher is split into early and late, and the shapes that cross the split.
 
+    The model is built on the meta device: no weights are initialised or loaded.
+    """
+    from .teacher_report import describe_teacher
+
+    model_kwargs = _json_object(kwargs, "--kwargs")
     try:
-        split, sha = load_teacher(name, checkpoint=checkpoint, late_blocks=late_blocks)
+        info, warnings = describe_teacher(name, checkpoint=checkpoint, late_blocks=late_blocks, **model_kwargs)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None
-    info = split.info.to_dict() | {"checkpoint_sha256": sha}
-    info |= {f"{part}_params": n for part, n in split.parameter_counts().items()}
+    for w in warnings:
+        typer.echo(f"warning: {w}", err=True)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
         typer.echo(f"{key:>18}: {value}")
+
+
+def _json_object(text: str | None, option: str) -> dict:
+    """A JSON object given on the command line ({} when not given); a usage error otherwise."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not valid JSON ({e.msg} at character {e.pos}): {text}", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter(f"expected a JSON object such as '{{\"num_classes\": 1000}}', found {text}",
+                                 param_hint=option)
+    return value
 
 
 def main() -> None:  # pragma: no cover
@@ -51,12 +143,12 @@ def cache_teacher(
     job: Path = typer.Argument(Path("jobs/demo.yaml"), help="job spec (YAML); its `cache:` section is used"),
     # str, not Path: Path("s3://b/c") would become "s3:/b/c", and the spec's URL check would name the wrong thing
     output: Optional[str] = typer.Option(None, "--output", "-o", help="cache folder (overrides the spec)"),
-    fmt: Optional[str] = typer.Option(None, "--format", help="zarr or webdataset (overrides the spec)"),
+    fmt: Optional[Format] = typer.Option(None, "--format", help="cache format (overrides the spec)"),
     views: Optional[int] = typer.Option(None, "--views", "-k", help="views per image K (overrides the spec)"),
     actors: Optional[int] = typer.Option(None, help="teacher actors (one per GPU where there are GPUs)"),
     batch_size: Optional[int] = typer.Option(None, help="teacher batch size"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"),
-    engine: str = typer.Option("ray", help="ray, or local (the same stages in this process, no Ray)"),
+    engine: Engine = typer.Option(Engine.ray, help="ray, or local (the same stages in this process, no Ray)"),
     overwrite: bool = typer.Option(False, help="replace a cache of another configuration in the output folder (only a "
                                                "cache's own files are removed; a folder holding anything else is refused)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON"),
@@ -71,7 +163,7 @@ def cache_teacher(
     from .shards import CacheWriteError
 
     try:
-        spec = load_cache_spec(job, output=output, format=fmt, actors=actors,
+        spec = load_cache_spec(job, output=output, format=_value(fmt), actors=actors,
                                batch_size=batch_size, address=address)
         if views is not None:
             from dataclasses import replace
@@ -84,10 +176,12 @@ def cache_teacher(
                 spec.views = replace(spec.views, per_image=views)
             except ValidationError as e:
                 raise spec_error(e, "--views", "views") from None
-        summary = run_cache_job(spec, overwrite=overwrite, engine=engine, log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError) as e:
+        _usage_error(e)
+    try:
+        summary = run_cache_job(spec, overwrite=overwrite, engine=_value(engine), log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, DatasetError, CacheConfigError, CacheWriteError, FloatingPointError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        _runtime_error(e)
     _print_summary(summary, as_json)
 
 
@@ -116,11 +210,13 @@ def inspect_shards(
     """What is in a cache, is it intact, and what does its spectrum look like.
 
     Exits 1 when --verify finds a corrupt, missing or extra shard (each is named), or when
-    --check-late finds late's output on stored mid differing from stored final.
+    --check-late finds late's output on stored mid differing from stored final; 2 when PATH is not a cache.
     """
     from .inspect_cache import check_late, describe, plot_spectrum, recompute, verify
-    from .schema import ManifestError
+    from .schema import MANIFEST, ManifestError
 
+    if not (path / MANIFEST).is_file():  # the argument names no cache: a usage error
+        _usage_error(ManifestError(f"{path} is not a teacher cache: {MANIFEST} is missing"))
     checked = None
     try:
         # --verify first: a damaged cache must still get its list of problems, even where it
@@ -137,8 +233,7 @@ def inspect_shards(
             report["plot"] = str(plot_spectrum(path, plot))
     except (ManifestError, ValueError, FileNotFoundError, OSError) as e:
         if checked is None:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+            _runtime_error(e)
         report = {"cache": str(path), "error": str(e), "roles": {}, "verify": checked}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
@@ -177,16 +272,17 @@ def _print_report(report: dict) -> None:
 @app.command("distill")
 def distill(
     job: Path = typer.Argument(Path("jobs/demo.yaml"), help="job spec (YAML); its `distill:` section is used"),
-    targets: Optional[str] = typer.Option(None, help="cache (read the cache) or online (run the whole teacher live)"),
+    targets: Optional[TargetSource] = typer.Option(None, help="cache: read the cache; online: run the whole teacher live"),
     cache: Optional[Path] = typer.Option(None, help="cache folder (overrides the spec)"),
     student: Optional[str] = typer.Option(None, help="timm name of the student (overrides the spec)"),
-    recipe: Optional[str] = typer.Option(None, help="traditional, advanced, deit or demo (pipeline/recipes.py)"),
+    recipe: Optional[Recipe] = typer.Option(None, help="training recipe (pipeline/recipes.py)"),
     epochs: Optional[int] = typer.Option(None, help="epochs (overrides the recipe)"),
     batch_size: Optional[int] = typer.Option(None, help="batch size (overrides the recipe)"),
     lr: Optional[float] = typer.Option(None, help="peak learning rate (overrides the recipe)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="run folder (overrides the spec)"),
     workers: Optional[int] = typer.Option(None, help="loader worker processes"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]"),
+    device: Optional[str] = typer.Option(None, metavar="[auto|cpu|cuda|cuda:N]", parser=_device,
+                                         autocompletion=_complete_device, help="where to train"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
     resume: bool = typer.Option(False, help="continue from the run folder's checkpoint"),
     overwrite: bool = typer.Option(False, help="replace the run in the output folder (its checkpoint, metrics, student)"),
@@ -197,14 +293,13 @@ def distill(
                                              "listing is checked against the cache's"),
     teacher_checkpoint: Optional[Path] = typer.Option(None, help="where the teacher checkpoint is now (a copied "
                                                       "cache); its sha256 is checked against the cache's"),
+    as_json: bool = typer.Option(False, "--json", help="print where the files are and the last epoch's metrics as JSON"),
 ):
     """Train a student from a teacher cache, running only the teacher's late part online (for TPP).
 
-    Ends by printing where the exported student (safetensors, loadable by plain timm), the
-    metrics (JSONL) and the plot of the curves are.
+    Ends by printing where the exported student (a timm model folder: timm.create_model("local-dir:RUN/student", pretrained=True)), the metrics (JSONL), the plot of the curves and the resolved job spec are.
 
-    On N processes: torchrun --nproc_per_node=N -m pipeline.cli distill JOB.yaml (batch_size
-    stays the global batch, shared equally among the processes).
+    On N processes: torchrun --nproc_per_node=N -m pipeline.cli distill JOB.yaml (batch_size stays the global batch, shared equally among the processes).
     """
     from .datasets import BadImage
     from .job_spec import load_train_spec
@@ -214,24 +309,31 @@ def distill(
     from .trainer import CheckpointWriteError, train
 
     try:
-        spec = load_train_spec(job, targets=targets, cache=str(cache) if cache else None, student=student,
-                               recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr,
+        spec = load_train_spec(job, targets=_value(targets), cache=str(cache) if cache else None, student=student,
+                               recipe=_value(recipe), epochs=epochs, batch_size=batch_size, lr=lr,
                                output=str(output) if output else None, workers=workers, device=device, seed=seed,
                                verify_fingerprints=verify_fingerprints or None,
                                on_corrupt="skip" if skip_corrupt else None, allow_incomplete=allow_incomplete or None,
                                data_root=str(data_root.resolve()) if data_root else None,
                                teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None)
+    except (ValueError, FileNotFoundError) as e:
+        _usage_error(e)
+    try:
         result = train(spec, resume=resume, overwrite=overwrite, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, CacheMismatchError, ManifestError, BadImage, ReplayError,
             CheckpointWriteError, FloatingPointError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        _runtime_error(e)
     if result.get("rank", 0):  # under torchrun rank 0 alone reports
         return
-    typer.echo(f"student:    {result['student']}")
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"student:    {result['student_folder']}")
+    typer.echo(f"weights:    {result['student']}")
     typer.echo(f"metrics:    {result['metrics']}")
     typer.echo(f"plot:       {result['plot']}")
     typer.echo(f"checkpoint: {result['checkpoint']}")
+    typer.echo(f"job spec:   {result['job_spec']}")
 
 
 if __name__ == "__main__":  # python -m pipeline.cli, e.g. under `ray job submit`

@@ -23,7 +23,8 @@ def _view_indices(reader: CacheReader, n: int) -> list[tuple[int, int]]:
 
 
 def describe(root: str | Path, energy_views: int = 64) -> dict:
-    """The table inspect-shards prints: format, teacher, counts, roles, bytes, ratio, DC energy."""
+    """The table inspect-shards prints: format, teacher, counts, roles, bytes, compression ratio (raw fp32
+    bytes / bytes on disk, as in cache-teacher's summary), DC energy."""
     reader = CacheReader(root)
     m = reader.manifest
     views = m["num_samples"] * m["num_views"]
@@ -41,9 +42,9 @@ def describe(root: str | Path, energy_views: int = 64) -> dict:
         "teacher": t["name"], "checkpoint_sha256": t.get("checkpoint_sha256"), "split_point": t["split_point"],
         "teacher_input": f"{t['input_size'][1]}x{t['input_size'][2]} {t['interpolation']} mean={t['mean']} std={t['std']}",
         "samples": m["num_samples"], "views_per_sample": m["num_views"], "views": views,
-        "shards": f"{len(m['shards'])} of {m.get('num_shards_expected', '?')}", "roles": roles,
+        "shards": len(m["shards"]), "shards_expected": m.get("num_shards_expected"), "roles": roles,
         "bytes_on_disk": stored, "bytes_per_view": round(stored / views, 1) if views else None,
-        "ratio_to_fp32": round(raw_total / stored, 3) if stored else None,
+        "compression_ratio": round(raw_total / stored, 3) if stored else None,  # raw fp32 bytes / bytes on disk
         "skipped": len(m["skipped"]), "skipped_reasons": _reasons(m["skipped"]),
     }
     if "final" in reader.specs and len(reader):
@@ -281,23 +282,29 @@ def spectrum(root: str | Path, views: int = 64) -> np.ndarray:
 
 
 def plot_spectrum(root: str | Path, path: str | Path, views: int = 64) -> Path:
-    """The poster's Figure 2 from the user's own cache: magnitude by frequency, DC first."""
+    """The poster's Figure 2 from the user's own cache: mean |2-D DCT| of the final features by
+    frequency, DC first; the title names the teacher and how many views it averages."""
     from .plotting import pyplot
 
     plt = pyplot()
 
     spec = spectrum(root, views)
-    m = read_manifest(root)
+    reader = CacheReader(root)
+    shown = len(_view_indices(reader, views))  # what spectrum() averaged: up to `views`, spread over the cache
+    m = reader.manifest
     h, w = spec.shape
     u, v = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    order = np.argsort((u + v).ravel(), kind="stable")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    order = np.lexsort((u.ravel(), (u + v).ravel()))  # by u + v (one anti-diagonal after another), then by u
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     im = a1.imshow(spec, cmap="viridis")
-    a1.set(title="mean |DCT| of final features", xlabel="horizontal frequency", ylabel="vertical frequency")
-    fig.colorbar(im, ax=a1)
+    a1.set(title="mean |DCT| by frequency (u, v); [0, 0] = DC", xlabel="horizontal frequency v",
+           ylabel="vertical frequency u")
+    fig.colorbar(im, ax=a1, label="mean |DCT coefficient| (over channels and views)")
     a2.bar(np.arange(h * w), spec.ravel()[order], color=["tab:red"] + ["tab:blue"] * (h * w - 1))
-    a2.set(title="by frequency (zig-zag order); red = DC component", xlabel="frequency index", ylabel="mean |coefficient|")
-    fig.suptitle(f"{m['teacher']['name']} final features, {Path(root).name}")
+    a2.set(title="in order of u + v, then u (DC first, in red)", xlabel=f"frequency index (u + v from 0 to {h + w - 2})",
+           ylabel="mean |DCT coefficient|")
+    fig.suptitle(f"teacher {m['teacher']['name']}: final features ({h}x{w} tokens), {shown} views of "
+                 f"{len(reader)} samples in {Path(root).name}")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -44,7 +44,9 @@ __all__ = ["train", "export_student", "evaluate", "check_relocated_dataset", "Ch
            "IncompleteCacheError", "RunFolderError", "CHECKPOINT", "STUDENT_FILE", "METRICS_FILE"]
 
 CHECKPOINT, STUDENT_FILE, METRICS_FILE, PLOT_FILE = "checkpoint.pt", "student.safetensors", "metrics.jsonl", "curves.png"
-RUN_FILES = (CHECKPOINT, METRICS_FILE, STUDENT_FILE, PLOT_FILE)  # what a run writes (and --overwrite removes)
+STUDENT_FOLDER = "student"  # the timm model folder: timm.create_model("local-dir:RUN/student", pretrained=True)
+JOB_SPEC_FILE = "job.yaml"  # the run's resolved job spec
+RUN_FILES = (CHECKPOINT, METRICS_FILE, STUDENT_FILE, PLOT_FILE, JOB_SPEC_FILE, STUDENT_FOLDER)  # what a run writes (and --overwrite removes)
 
 
 class IncompleteCacheError(ValueError):
@@ -160,7 +162,7 @@ def _check_complete(m: dict, spec: TrainSpec) -> None:
 
 
 def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, batch_size: int = 64,
-             world: World | None = None, workers: int = 0) -> dict:
+             world: World | None = None, workers: int = 0, progress: bool = False, desc: str = "validation") -> dict:
     """top-1/top-5 (%) of a timm classifier on a labelled dataset, with timm's own eval transform
     (resize, centre crop by crop_pct, normalise) at input_size (3, H, W) or the model's default.
 
@@ -168,16 +170,16 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
     every rank gets the whole dataset's numbers."""
     if not val_spec:
         return {}
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
     from .datasets import list_dataset
+    from .export import eval_data_config
 
     refs, _, _ = list_dataset(val_spec)
     total = len(refs)
     if world is not None:
         refs = refs[world.rank :: world.size]
-    args = {"input_size": tuple(input_size)} if input_size else {}
-    transform = create_transform(**resolve_data_config(args, model=model), is_training=False)
+    transform = create_transform(**eval_data_config(model, input_size), is_training=False)
     was = model.training
     model.eval()
     correct1 = correct5 = 0
@@ -185,6 +187,9 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
     loader = DataLoader(_EvalImages(refs, transform), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda" if isinstance(device, torch.device) else False,
                         multiprocessing_context="fork" if workers else None)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(refs), desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
     with torch.inference_mode():
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -192,6 +197,8 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # a head of fewer than 5 classes
             correct1 += (top5[:, 0] == y).sum().item()
             correct5 += (top5 == y[:, None]).any(-1).sum().item()
+            bar.update(len(y))
+    bar.close()
     model.train(was)
     if world is not None:
         correct1, correct5 = (int(c) for c in world.sum(torch.tensor([correct1, correct5])))
@@ -209,12 +216,16 @@ def _val_image(ref):
 
 
 def export_student(model: nn.Module, path: Path) -> Path:
-    """The student alone, as safetensors that plain timm loads:
-    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))."""
+    """The student's weights alone, as safetensors that plain timm loads:
+    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path)). The run folder's
+    timm model folder (pipeline/export.py) also records its input size and normalisation."""
     from safetensors.torch import save_file
+
+    from .export import readable
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    readable(tmp)
     os.replace(tmp, path)
     return path
 
@@ -224,6 +235,12 @@ class CheckpointWriteError(RuntimeError):
 
 
 def _save_epoch(out: Path, ckpt_path: Path, metrics: list[dict], state: dict) -> None:
+    # The checkpoint holds what an exact resume needs and nothing else: the student and the CAPs, the
+    # optimizer's state for each of their parameters, the scheduler, the RNG, the metrics, the spec key.
+    # Its size is the CAPs' and the optimizer's: for the demo (ResNet-18 student, EfficientNet-Lite0
+    # teacher) the student is 47 MB, its four CAPs 180 MB (each stage-4 CAP 87 MB, 52 MB of it the FFN
+    # at the teacher's 1280 channels), and AdamW keeps two moments per parameter: 3 × 227 MB = 681 MB.
+    # The exported student (student/, student.safetensors) is the 47 MB.
     """metrics.jsonl, then the checkpoint, each written aside and renamed into place: a kill or a
     full disk mid-write leaves the previous file whole. The metrics file is rewritten whole from
     the checkpointed history, so a kill between the two cannot give a resumed run a duplicate line."""
@@ -245,24 +262,48 @@ def _save_epoch(out: Path, ckpt_path: Path, metrics: list[dict], state: dict) ->
                                    f"again with --resume") from e
 
 
-def _plot(metrics: list[dict], path: Path) -> Path:
+def _write_job_spec(spec: TrainSpec, rec: dict, path: Path) -> None:
+    """The resolved job spec (command-line overrides applied) as a job YAML that reruns this run."""
+    import yaml
+
+    resolved = json.loads(json.dumps(spec.to_dict()))  # tuples → lists: plain YAML
+    text = (f"# The resolved job spec of this run (command-line overrides applied); rerun it with\n"
+            f"#   scalekd-pipeline distill {path}\n"
+            f"# Recipe {spec.recipe!r} as applied: {json.dumps(rec)}\n"
+            + yaml.safe_dump({"distill": resolved}, sort_keys=False))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _plot(metrics: list[dict], path: Path, title: str = "") -> Path:
+    """Loss terms, validation accuracy and learning rate by epoch (1-based, as in metrics.jsonl)."""
     from .plotting import pyplot
 
     plt = pyplot()
 
-    epochs = [m["epoch"] + 1 for m in metrics]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [m["epoch"] for m in metrics]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.4))
     for term in (*LOSS_TERMS, "loss"):
         a1.plot(epochs, [m["train"][term] for m in metrics], marker="o", label=term)
     a1.set(xlabel="epoch", ylabel="mean loss term", title="training loss (weighted terms)", yscale="log")
-    a1.legend(fontsize=8)
+    # below the axes, so that no line is hidden behind it
+    a1.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     if any("top1" in m.get("val", {}) for m in metrics):
         a2.plot(epochs, [m["val"].get("top1") for m in metrics], marker="o", label="top-1")
         a2.plot(epochs, [m["val"].get("top5") for m in metrics], marker="o", label="top-5")
-        a2.legend()
+        a2.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     a2.set(xlabel="epoch", ylabel="%", title="validation accuracy")
+    a3.plot(epochs, [m.get("lr") for m in metrics], marker="o", label="first step")
+    a3.plot(epochs, [m.get("lr_last") for m in metrics], marker="x", linestyle="--", label="last step")
+    a3.set(xlabel="epoch", ylabel="learning rate", title="learning rate")
+    a3.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
+    for a in (a1, a2, a3):
+        a.set_xticks(epochs if len(epochs) <= 20 else a.get_xticks())
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -306,7 +347,14 @@ def _claim_run_folder(out: Path, spec: TrainSpec, resume: bool, overwrite: bool,
         return
     if overwrite:
         for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
+            path = out / name
+            if path.is_dir() and not path.is_symlink():  # the exported student folder: only what export writes
+                for own in ("config.json", "model.safetensors"):
+                    (path / own).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # kept (with what else it holds) unless now empty
+            else:
+                path.unlink(missing_ok=True)
         log(f"--overwrite: removed the earlier run's {', '.join(present)} from {out}")
         return
     earlier = _checkpoint_key(out / CHECKPOINT)
@@ -350,6 +398,9 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
     world.from_main(claim) if world else claim()  # rank 0 alone locks; its refusal is raised on every rank
     torch.manual_seed(spec.seed)
     reader, data, distiller, online, rec = build_run(spec, device)
+    if main:
+        _write_job_spec(spec, rec, out / JOB_SPEC_FILE)
+    title = f"{reader.manifest['teacher']['name']} → {spec.student}"
     trainable = nn.ModuleDict({"student": distiller.student, "caps": distiller.caps})
     channels_last = device.type == "cuda" if spec.channels_last is None else spec.channels_last
     if channels_last:  # the student's and CAPs' convolutions in NHWC (bench/results-step-cuda.json)
@@ -408,6 +459,7 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             torch.manual_seed(hash((spec.seed, epoch, world.rank)) % 2**63)
         distiller.train()
         sums, seen, t0 = {k: 0.0 for k in (*LOSS_TERMS, "loss")}, 0, time.perf_counter()
+        lr_first = lr_last = None
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{rec['epochs']}", disable=not progress, file=sys.stderr)
         for step, b in enumerate(loader):
             if step >= steps:
@@ -436,6 +488,8 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             (terms["loss"] * share if world and share != 1.0 else terms["loss"]).backward()
             if rec.get("grad_clip"):
                 torch.nn.utils.clip_grad_norm_(trainable.parameters(), rec["grad_clip"])
+            lr_last = opt.param_groups[0]["lr"]  # the lr this step uses
+            lr_first = lr_last if lr_first is None else lr_first
             opt.step()
             sched.step_update(epoch * steps + step + 1)
             n = images.shape[0]
@@ -460,9 +514,10 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         if world:  # running BN statistics: DDP copies rank 0's buffers before each forward; their mean, as timm's train.py
             timm.utils.distribute_bn(trainable, world.size, reduce=True)
         val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size, world=world,
-                       workers=spec.workers)
-        record = {"epoch": epoch, "view": data.view_of(epoch), "train": {k: v / max(seen, 1) for k, v in sums.items()},
-                  "val": val, "lr": opt.param_groups[0]["lr"], "samples": seen, "seconds": round(seconds, 2),
+                       workers=spec.workers, progress=progress, desc=f"validation {epoch + 1}/{rec['epochs']}")
+        # epochs counted from 1, as on the console and the plot; lr: the first and last step's
+        record = {"epoch": epoch + 1, "view": data.view_of(epoch), "train": {k: v / max(seen, 1) for k, v in sums.items()},
+                  "val": val, "lr": lr_first, "lr_last": lr_last, "samples": seen, "seconds": round(seconds, 2),
                   "samples_per_s": round(seen / seconds, 2) if seconds else None}
         metrics.append(record)
         def save(epoch=epoch):
@@ -478,11 +533,19 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
     student_file = out / STUDENT_FILE
 
     def finish():
+        from .export import export_timm_folder
+
         export_student(distiller.student.model, student_file)
-        return _plot(metrics, out / PLOT_FILE) if metrics else None
+        folder = export_timm_folder(distiller.student.model, out / STUDENT_FOLDER, distiller.student.input_size)
+        if not folder["plain_timm"]:
+            log(f"{folder['folder']}: no timm name rebuilds {folder['architecture']}; load it after "
+                f"`import scalekd.student`, which registers that name")
+        return _plot(metrics, out / PLOT_FILE, title) if metrics else None
 
     plot = world.from_main(finish) if world else finish()  # every rank returns once the files are there
-    return {"student": str(student_file), "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
+    return {"student": str(student_file), "student_folder": str(out / STUDENT_FOLDER),
+            "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
+            "job_spec": str(out / JOB_SPEC_FILE),
             "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None} | _rank_of(world)
 
 

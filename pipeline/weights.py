@@ -73,6 +73,10 @@ def load_teacher(
     teacher_family(name)  # a clear error for an unsupported name before anything is built
     if checkpoint is not None and pretrained:
         raise ValueError("give either a checkpoint file or pretrained=True, not both")
+    if pretrained:  # fail in a second, not after a minute of retries, where the weights cannot come
+        from .pitfalls import check_pretrained_reachable
+
+        check_pretrained_reachable(name)
     model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
     sha = None
     if checkpoint is not None:
@@ -118,5 +122,8 @@ def export_demo_teacher(path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(efficientnet_lite0_state_dict(), str(tmp))
+        from .export import readable
+
+        readable(tmp)  # safetensors creates its files 0600
         tmp.replace(path)
     return path

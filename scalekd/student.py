@@ -13,7 +13,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-__all__ = ["StudentTaps", "stage_indices", "student_norm"]
+__all__ = ["StudentTaps", "stage_indices", "student_norm", "create_student", "PLAIN_TIMM_EQUIVALENT"]
 
 ISOTROPIC = ("VisionTransformer", "VisionTransformerDistilled", "MlpMixer", "Eva", "Beit")
 
@@ -52,9 +52,19 @@ class StudentTaps(nn.Module):
         # Probe once for the tapped shapes, which the CAPs are built for.
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            s3, s4, _ = self(torch.zeros(1, *self.input_size, device=next(model.parameters()).device))
-        model.train(was_training)
+        try:
+            with torch.no_grad():
+                s3, s4, _ = self(torch.zeros(1, *self.input_size, device=next(model.parameters()).device))
+        except (AssertionError, RuntimeError) as e:  # timm's own check, 150 lines down: say what to change
+            arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+            built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+            raise ValueError(
+                f"student {arch} cannot run at input size {self.input_size[1]}x{self.input_size[2]}"
+                + (f" (it was built for {built[0]}x{built[1]})" if built else "")
+                + f": build it for that size with student_kwargs: {{img_size: {self.input_size[1]}}}, or drop "
+                f"student_input_size; timm said: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        finally:
+            model.train(was_training)
         self.stage3_shape = tuple(s3.shape[1:])  # (C, H, W)
         self.stage4_shape = tuple(s4.shape[1:])
 
@@ -67,12 +77,23 @@ class StudentTaps(nn.Module):
         return s3, s4, self.model.forward_head(final)
 
 
+_MIXER_B14 = dict(patch_size=14, num_blocks=12, embed_dim=768)
+_VIT_B14 = dict(patch_size=14, embed_dim=768, depth=12, num_heads=12)
+
+# The students this module registers → (a timm name whose entrypoint rebuilds them given these model
+# args, or None where none can), so that an exported student loads in plain timm.
+PLAIN_TIMM_EQUIVALENT = {
+    "vit_base_patch14_224": ("vit_base_patch16_224", _VIT_B14),  # its args override the /16 defaults
+    "mixer_b14_224": (None, _MIXER_B14),  # every timm Mixer entrypoint fixes patch_size (a second value is a TypeError)
+}
+
+
 @register_model
 def mixer_b14_224(pretrained: bool = False, **kwargs) -> nn.Module:
     """Mixer-B/14 (the EVA → Mixer-B/14 pair of the paper; timm has only /16 and /32)."""
     from timm.models.mlp_mixer import _create_mixer
 
-    return _create_mixer("mixer_b14_224", pretrained=pretrained, **dict(dict(patch_size=14, num_blocks=12, embed_dim=768), **kwargs))
+    return _create_mixer("mixer_b14_224", pretrained=pretrained, **dict(_MIXER_B14, **kwargs))
 
 
 @register_model
@@ -80,13 +101,30 @@ def vit_base_patch14_224(pretrained: bool = False, **kwargs) -> nn.Module:
     """ViT-B/14 at 224 px (the EVA → ViT-B/14 pair of the paper)."""
     from timm.models.vision_transformer import _create_vision_transformer
 
-    args = dict(patch_size=14, embed_dim=768, depth=12, num_heads=12)
-    return _create_vision_transformer("vit_base_patch14_224", pretrained=pretrained, **dict(args, **kwargs))
+    return _create_vision_transformer("vit_base_patch14_224", pretrained=pretrained, **dict(_VIT_B14, **kwargs))
+
+
+def takes_img_size(name: str, **kwargs) -> bool:
+    """Whether the timm model ``name`` is built for one input size given as ``img_size`` (ViT, Swin,
+    Mixer, ...): read off its class, built on the meta device (no weights are initialised)."""
+    import inspect
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, **kwargs)
+    except Exception:  # noqa: BLE001 — a model that cannot be built on meta is built for real below
+        return False
+    return "img_size" in inspect.signature(type(model).__init__).parameters
 
 
 def create_student(name: str, num_classes: int, input_size: int | tuple[int, int] | None = None, **kwargs) -> StudentTaps:
     """A timm student by name with the teacher's number of classes, wrapped with its taps.
 
-    input_size: (H, W) or a side, for CNN students that run at another resolution than timm's
-    default (ViT-like students fix theirs at construction: pass img_size in kwargs instead)."""
-    return StudentTaps(timm.create_model(name, num_classes=num_classes, **kwargs), input_size)
+    input_size: (H, W) or a side the student runs at, instead of timm's default. A family built for one
+    input size (ViT, Swin, Mixer: their constructor takes img_size) is built for it, unless kwargs
+    already give img_size. The arguments used are kept as ``taps.model_args``."""
+    if input_size is not None and "img_size" not in kwargs and takes_img_size(name, num_classes=num_classes, **kwargs):
+        kwargs["img_size"] = input_size if isinstance(input_size, int) else tuple(input_size)
+    taps = StudentTaps(timm.create_model(name, num_classes=num_classes, **kwargs), input_size)
+    taps.model_args = dict(kwargs)
+    return taps

@@ -26,7 +26,7 @@ __all__ = ["TeacherInfo", "TeacherSplit", "TeacherLate", "split_teacher", "teach
 
 # family → name prefixes (timm model names)
 SUPPORTED_TEACHERS = {
-    "swin": ("swin_",),
+    "swin": ("swin_", "swinv2_"),
     "vit": ("vit_", "deit_", "deit3_", "beit_", "beitv2_", "eva_", "eva02_"),
     "cnn": ("tf_efficientnet_lite", "efficientnet_lite", "convnext_"),
 }
@@ -37,8 +37,9 @@ def teacher_family(name: str) -> str:
     base = name.split(".")[0]
     for family, prefixes in SUPPORTED_TEACHERS.items():
         if base.startswith(prefixes):
-            # swinv2 and beit3 have other block signatures; refuse them rather than guess.
-            if base.startswith(("swinv2_", "swin_s3_", "beit3_")):
+            # SwinV2-CR, Swin-S3 and BEiT-3 have other layouts; refuse them rather than guess.
+            # (timm's SwinV2 has Swin V1's layout: patch_embed → layers (NHWC) → norm → head.)
+            if base.startswith(("swinv2_cr_", "swin_s3_", "beit3_")):
                 break
             return family
     supported = ", ".join(f"{p}*" for ps in SUPPORTED_TEACHERS.values() for p in ps)
@@ -204,7 +205,8 @@ def _tokens_to_nchw(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 
 class _SwinAdapter(_Adapter):
-    """timm SwinTransformer: late = layers[-1] (it begins with the 14→7 patch merging) + norm."""
+    """timm SwinTransformer and SwinTransformerV2: late = layers[-1] (it begins with the 14→7 patch
+    merging) + norm."""
 
     def early_grid(self, model, x):
         x = model.layers[:-1](model.patch_embed(x))  # NHWC
@@ -330,6 +332,9 @@ class _ViTAdapter(_Adapter):
 def _adapter_for(model: nn.Module, family: str, late_blocks: int) -> tuple[_Adapter, str]:
     cls = type(model).__name__
     if family == "swin":
+        if cls not in ("SwinTransformer", "SwinTransformerV2"):
+            raise ValueError(f"no teacher split for timm class {cls}; Swin splits cover SwinTransformer and "
+                             f"SwinTransformerV2")
         return _SwinAdapter(), f"layers.{len(model.layers) - 1}"
     if family == "vit":
         if cls not in ("VisionTransformer", "VisionTransformerDistilled", "Beit", "Eva"):

@@ -20,7 +20,7 @@ from scalekd.teacher import SUPPORTED_TEACHERS, split_teacher, teacher_family
 
 
 @pytest.mark.parametrize(
-    "name", ["resnet50", "resnet50.a1_in1k", "regnety_040", "convnextv2_atto", "swinv2_tiny_window8_256", "swin_s3_tiny_224", "mobilenetv3_large_100"]
+    "name", ["resnet50", "resnet50.a1_in1k", "regnety_040", "convnextv2_atto", "swinv2_cr_tiny_224", "swin_s3_tiny_224", "mobilenetv3_large_100"]
 )
 def test_unsupported_teacher_name_raises_listing_supported_families(name):
     with pytest.raises(ValueError) as e:

@@ -65,16 +65,16 @@ def test_describe_counts_ratio_and_dc_energy(caches, name):
     d = describe(root)
     m = manifest(root)
     assert d["format"] == m["format"] and d["complete"] is True
-    assert d["samples"] == 9 and d["views_per_sample"] == 3 and d["views"] == 27 and d["shards"] == "4 of 4"
+    assert d["samples"] == 9 and d["views_per_sample"] == 3 and d["views"] == 27 and (d["shards"], d["shards_expected"]) == (4, 4)
     assert d["skipped"] == 1 and sum(d["skipped_reasons"].values()) == 1
     assert d["checkpoint_sha256"] == m["teacher"]["checkpoint_sha256"] and d["split_point"] == "blocks.1"
     # the ratio, computed here: raw fp32 bytes of every stored view / the bytes of the shards' files on disk
     raw = 27 * sum(int(np.prod(r["shape"])) * 4 for r in m["roles"].values())
     on_disk = sum(p.stat().st_size for p in root.glob("shard-*/**/*") if p.is_file() and p.name != "shard.json")
     assert on_disk == sum(s["bytes"] for s in m["shards"]) == d["bytes_on_disk"]
-    assert d["ratio_to_fp32"] == round(raw / on_disk, 3)
+    assert d["compression_ratio"] == round(raw / on_disk, 3)
     if name == "lossy":
-        assert d["ratio_to_fp32"] > 2.5  # int8 on the two token maps
+        assert d["compression_ratio"] > 2.5  # int8 on the two token maps
     # the DC energy fraction of final, computed here on the same (all 27) views
     reader, views = _views(root)
     fractions = []
@@ -331,7 +331,7 @@ def test_cli_text_report_without_verify(caches):
     result = _inspect(caches.zarr)
     _exits(result, 0)
     out = " ".join(result.output.split())
-    assert "samples: 9" in out and "ratio_to_fp32:" in out and "final shape [16, 192] codec fp32" in out
+    assert "samples: 9" in out and "compression_ratio:" in out and "final shape [16, 192] codec fp32" in out
 
 
 def test_cli_json_prints_valid_json(caches):

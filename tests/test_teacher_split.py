@@ -13,6 +13,8 @@ from scalekd.teacher import split_teacher
 # name, timm kwargs, family, (mid tokens incl. prefix, mid channels), (final tokens, final channels), prefix
 TEACHERS = {
     "swin": ("swin_tiny_patch4_window7_224", {}, "swin", (196, 384), (49, 768), 0),
+    "swinv2": ("swinv2_tiny_window8_256", dict(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 4), img_size=128,
+                                               window_size=4, num_classes=7), "swin", (64, 96), (16, 192), 0),
     "vit": ("vit_tiny_patch16_224", {}, "vit", (197, 192), (196, 192), 1),
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {}, "vit", (198, 192), (196, 192), 2),
     "beit": ("beit_base_patch16_224", dict(depth=3, embed_dim=96, num_heads=3), "vit", (197, 96), (196, 96), 1),

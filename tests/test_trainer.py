@@ -180,7 +180,7 @@ def test_resume_after_a_stop_gives_the_uninterrupted_weights(world, tmp_path, st
     resumed = train(spec, resume=True, progress=False, log=lambda m: None)
     _same_student(straight["student"], resumed["student"])
     lines = [json.loads(l) for l in Path(resumed["metrics"]).read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [0, 1, 2]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]  # as on the console and the plot
     assert [m["view"] for m in lines] == [0, 1, 0]  # view e mod K, K = 2
 
 
@@ -244,7 +244,7 @@ def test_trainer_sigkilled_mid_epoch_resumes_to_the_uninterrupted_weights(world,
     _kill_trainer_when(spec, tmp_path / "progress", lambda lines: len(lines) >= steps + 2, hold=0.5,
                        half_checkpoint=False)
     # killed two steps into epoch 2: epoch 1 is checkpointed, nothing of epoch 2 is
-    assert _checkpoint_epoch(run_dir) == 0 and _epochs(run_dir / "metrics.jsonl") == [0]
+    assert _checkpoint_epoch(run_dir) == 0 and _epochs(run_dir / "metrics.jsonl") == [1]
     logs = []
     resumed = train(spec, resume=True, progress=False, log=logs.append)
     assert logs[0] == f"resuming t at epoch 2 of 3 from {run_dir}/checkpoint.pt"
@@ -261,10 +261,10 @@ def test_trainer_sigkilled_while_writing_its_checkpoint_resumes_from_the_previou
     # half of epoch 2's checkpoint sits in checkpoint.pt.tmp; checkpoint.pt is still epoch 1's, whole
     assert (run_dir / "checkpoint.pt.tmp").stat().st_size > 0
     assert _checkpoint_epoch(run_dir) == 0
-    assert _epochs(run_dir / "metrics.jsonl") == [0, 1]  # written before the checkpoint
+    assert _epochs(run_dir / "metrics.jsonl") == [1, 2]  # written before the checkpoint
     resumed = train(spec, resume=True, progress=False, log=lambda m: None)
     _same_student(straight["student"], resumed["student"])
-    assert _epochs(resumed["metrics"]) == [0, 1, 2]  # epoch 2 again, not twice
+    assert _epochs(resumed["metrics"]) == [1, 2, 3]  # epoch 2 again, not twice
     assert _results(resumed["metrics"]) == _results(straight["metrics"])
     assert not (run_dir / "checkpoint.pt.tmp").exists()
 
@@ -294,7 +294,7 @@ def test_a_full_disk_at_the_checkpoint_stops_clearly_and_resumes(world, tmp_path
     monkeypatch.setattr(torch, "save", real_save)
     resumed = train(spec, resume=True, progress=False, log=lambda m: None)
     _same_student(straight["student"], resumed["student"])
-    assert _epochs(resumed["metrics"]) == [0, 1, 2]
+    assert _epochs(resumed["metrics"]) == [1, 2, 3]
 
 
 def test_exported_student_loads_in_plain_timm_with_the_same_logits(world, tmp_path):
@@ -375,7 +375,7 @@ def test_a_corrupt_shard_stops_training_naming_shard_and_sample_and_keeps_the_ch
     skipping = TrainSpec(**(spec.to_dict() | {"on_corrupt": "skip"}))
     result = train(skipping, resume=True, progress=False, log=lambda m: None)
     last = json.loads(Path(result["metrics"]).read_text().splitlines()[-1])
-    assert last["epoch"] == 1 and 0 < last["samples"] < steps_per_epoch * 4
+    assert last["epoch"] == 2 and 0 < last["samples"] < steps_per_epoch * 4
 
 
 def test_fingerprint_verification_catches_a_changed_image(world, tmp_path):
@@ -423,11 +423,14 @@ def test_distill_cli_trains_and_prints_where_the_files_are(world, tmp_path):
                                                "recipe": "demo", "epochs": 1, "batch_size": 4, "workers": 0}}))
     result = CliRunner().invoke(app, ["distill", str(job), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    for label, name in (("student:", "student.safetensors"), ("metrics:", "metrics.jsonl"), ("plot:", "curves.png")):
+    for label, name in (("weights:", "student.safetensors"), ("metrics:", "metrics.jsonl"), ("plot:", "curves.png"),
+                        ("job spec:", "job.yaml")):
         line = next(l for l in result.output.splitlines() if l.startswith(label))
         assert line.split()[-1].endswith(name) and Path(line.split()[-1]).is_file()
+    line = next(l for l in result.output.splitlines() if l.startswith("student:"))
+    assert Path(line.split()[-1], "config.json").is_file()
     bad = CliRunner().invoke(app, ["distill", str(job), "--recipe", "nope"])
-    assert bad.exit_code == 2 and "unknown recipe 'nope'" in bad.output
+    assert bad.exit_code == 2 and "'nope' is not one of 'traditional', 'advanced', 'deit', 'demo'" in " ".join(bad.output.replace("│", " ").split())
     assert CliRunner().invoke(app, ["distill", "--help"]).exit_code == 0
 
 
