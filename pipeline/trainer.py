@@ -198,6 +198,7 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
             correct1 += (top5[:, 0] == y).sum().item()
             correct5 += (top5 == y[:, None]).any(-1).sum().item()
             bar.update(len(y))
+    bar.refresh()  # the final count, also when it came faster than tqdm's refresh interval
     bar.close()
     model.train(was)
     if world is not None:

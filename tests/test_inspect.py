@@ -255,7 +255,7 @@ def test_check_late_without_mid_says_so(caches, tmp_path):
     assert str(e.value) == (f"{out}/manifest.json: the cache stores roles ['final', 'logits'], no 'mid', so late "
                             f"cannot be re-run on it; --check-late needs a cache made with roles: {{mid: fp16, ...}}")
     result = _inspect(out, "--check-late", 2)
-    assert result.exit_code == 2 and "no 'mid'" in result.output
+    assert result.exit_code == 1 and "no 'mid'" in result.output
 
 
 def test_check_late_cli_reports_ok(caches):

@@ -196,7 +196,7 @@ def test_cli_output_dot_with_overwrite_keeps_the_working_folders_files(base, tmp
     job.write_text(json.dumps({"cache": _spec(base, "unused").to_dict()}))
     monkeypatch.chdir(work)
     result = CliRunner().invoke(app, ["cache-teacher", str(job), "--engine", "local", "-o", ".", "--overwrite"])
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 1, result.output
     assert f"error: output {work} holds 'thesis.tex', which is not part of a cache" in result.output
     assert _tree(work) == {"thesis.tex": b"years of work"}
 
@@ -299,7 +299,7 @@ def test_cli_distill_allow_incomplete_is_an_option_by_name(base, tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(json.dumps({"distill": _train_spec(cache, tmp_path / "run").to_dict()}))
     refused = CliRunner().invoke(app, ["distill", str(job)])
-    assert refused.exit_code == 2 and f"error: cache {cache} is incomplete" in refused.output
+    assert refused.exit_code == 1 and f"error: cache {cache} is incomplete" in refused.output
     allowed = CliRunner().invoke(app, ["distill", str(job), "--allow-incomplete"])
     assert allowed.exit_code == 0, allowed.output
 
@@ -324,7 +324,7 @@ def test_distill_refuses_to_replace_another_run_and_overwrite_replaces_it(base, 
     logs = []
     _train(other, overwrite=True, log=logs.append)
     assert logs[0] == (f"--overwrite: removed the earlier run's checkpoint.pt, metrics.jsonl, student.safetensors, "
-                       f"curves.png from {out}")
+                       f"curves.png, job.yaml, student from {out}")
     assert _tree(out)["student.safetensors"] != before["student.safetensors"]
 
 
