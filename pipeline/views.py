@@ -51,11 +51,17 @@ class ViewConfig:
     Typed and checked on construction (pydantic): a job spec's ``per_image: "four"`` or ``2.5`` is
     refused by name instead of failing deep inside the job; YAML lists become tuples."""
 
-    per_image: Annotated[int, Strict(), Field(ge=1)] = 4
-    seed: Annotated[int, Strict(), Field(ge=0)] = 0
-    scale: tuple[Annotated[float, Strict()], Annotated[float, Strict()]] = (0.08, 1.0)
-    ratio: tuple[Annotated[float, Strict()], Annotated[float, Strict()]] = (3 / 4, 4 / 3)
-    flip: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.5
+    per_image: Annotated[int, Strict(), Field(ge=1), Field(
+        description="K: views stored per image; epoch e of training uses view e mod K")] = 4
+    seed: Annotated[int, Strict(), Field(ge=0), Field(
+        description="seed of the view sampling; each image's views are seeded by (seed, its key), so adding "
+                    "images changes no other image's views")] = 0
+    scale: Annotated[tuple[Annotated[float, Strict()], Annotated[float, Strict()]], Field(
+        description="RandomResizedCrop's area range [lo, hi] as fractions of the image, 0 < lo <= hi <= 1")] = (0.08, 1.0)
+    ratio: Annotated[tuple[Annotated[float, Strict()], Annotated[float, Strict()]], Field(
+        description="RandomResizedCrop's aspect-ratio range [lo, hi], 0 < lo <= hi")] = (3 / 4, 4 / 3)
+    flip: Annotated[float, Strict(), Field(ge=0, le=1), Field(
+        description="probability of a horizontal flip (rendered from flipped pixels, never a flipped feature)")] = 0.5
 
     def __post_init__(self):
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
