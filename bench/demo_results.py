@@ -70,7 +70,7 @@ def configs(k: int = 4) -> list[Config]:
 # Calibration on this project's machine (2 cores of an Intel Xeon, torch 2.14.1 CPU, loader workers 2,
 # batch 32; a shared machine, so rough): 1-epoch runs of each configuration (`--epochs 1 --seeds 1`)
 # trained at 37.6 (student), 34.2 (kd), 10.8 (scalekd-cache) and 8.0 (scalekd-online) samples/s, with
-# about 2.5 s per run outside the training loop and ~1 s to evaluate the 80 held-out tiles; README's
+# about 2.5 s per run outside the training loop and ~1 s to evaluate the 80 held-out tiles; docs/benchmarks.md's
 # `make distill` (6 epochs) measured 8.3–9.6 samples/s for scalekd-cache. The K = 1 cache is read like the
 # K = 4 one (one chunk per sample and view), so it takes scalekd-cache's rate. Rates below are rounded down.
 CALIBRATION = {

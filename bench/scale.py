@@ -12,7 +12,7 @@ It synthesises, under .work/scale/ (kept between runs; several GB at full size):
   and HF write ImageNet;
 - 400 JPEGs of 500 × 375 (ImageNet val's typical size) for the validation loader's rate.
 
-and measures, each in a fresh process where memory matters, the rows of the README's table:
+and measures, each in a fresh process where memory matters, the rows of docs/benchmarks.md's table:
 reader_open, forked_worker_epoch, cached_item_read, input_tar_read, validation_epoch, driver,
 listing, webdataset_side_members. Timings are medians; nothing here is a test.
 """

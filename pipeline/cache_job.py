@@ -127,7 +127,7 @@ class TeacherForward:
         self.device = torch.device(device)
         if threads and self.device.type == "cpu":
             # Ray starts workers with one intra-op thread (OMP_NUM_THREADS=1); a CPU teacher actor
-            # should use its share of the node's cores instead (measured: 0.48 → see README).
+            # should use its share of the node's cores instead (measured: 0.48 → see docs/benchmarks.md).
             torch.set_num_threads(threads)
         if not checkpoint and not teacher.get("pretrained"):
             torch.manual_seed(teacher.get("seed", 0))  # random weights: the same in every actor and run

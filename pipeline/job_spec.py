@@ -85,7 +85,7 @@ class CacheSpec:
               distiller's targets). mid (late's input) is opt-in: training never reads it, and it is the largest
               role of a Swin-L cache (196×768 against final's 49×1536: 0.39 vs 0.19 TB for ImageNet at K = 1 in
               fp16 before zstd); it buys ``inspect-shards --check-late N`` (late re-run on stored mid, compared with stored
-              final: cache and late weights agree) and a feature-mimicking target (README, Storage)
+              final: cache and late weights agree) and a feature-mimicking target (docs/storage.md)
     Every field is typed and checked when the spec is built (pydantic); spec_error words the refusal.
     """
 

@@ -27,7 +27,7 @@ Codecs (per role):
             range instead of |F|'s, so φ(F) keeps its precision.
     numcodecs has no per-channel int8 codec (its Quantize/FixedScaleOffset use one scale per
     chunk), hence our own few lines. Every lossy codec's error on F and on φ(F) is measured in
-    bench/storage.py and shown in the README.
+    bench/storage.py and shown in docs/storage.md.
 """
 from __future__ import annotations
 

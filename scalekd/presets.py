@@ -5,7 +5,7 @@ Release values (SCALEKD.md): Swin-L teacher α = 0.08, β = 0.06; EVA/BEiT-L tea
 ConvNeXt/Swin and EVA → ViT/Mixer, 0.2 for EVA → ResNet-50. Heads 16 (stage-3 CAP, 768 dims) and
 24 (stage-4 CAP, 1536 dims) for Swin-L, i.e. head sizes 48 and 64.
 
-Not in the release, our choice (stated in the README): CNN teachers (the offline demo's
+Not in the release, our choice (stated in docs/method.md): CNN teachers (the offline demo's
 EfficientNet-Lite0, ConvNeXt) take the Swin-L values; EVA → students the release did not pair
 take softmax_scale 1.0.
 """

@@ -11,7 +11,7 @@ layout (Swin NHWC, CNN NCHW, ViT sequences), so the cache, the CAPs and the trai
 TPP's proxy path feeds late with CAP outputs, which are patch tokens only. For ViTs late then puts
 the teacher's input-level prefix tokens (its CLS/register embeddings, position added) in front: the
 live prefix at the split is early's output for that image, which the trainer does not have. The
-release's plain-ViT path is broken, so this is our choice, stated here and in the README.
+release's plain-ViT path is broken, so this is our choice, stated here and in docs/method.md.
 
 Family adapters are a few lines each; a name no adapter covers is an error listing the families.
 """

@@ -7,7 +7,7 @@ Each sample of a tar: ``s<index>.json`` (key, label, view parameters, fingerprin
 Zstd, zarr's codec, at the job's ``compression_level``, with zstd's content checksum), one
 self-contained zstd frame per entry, so the same cache is about as large here as in zarr. Only
 .npy.zst and .json entries exist; nothing is pickled. Plain webdataset streams a view's tars with
-one decoder handler for the .npy.zst entries (``npy_zst`` below; README, Storage).
+one decoder handler for the .npy.zst entries (``npy_zst`` below; docs/cache-format.md).
 ``entries.npy`` beside the tars records every .npy.zst entry's data offset, size and crc32 (of the
 stored, compressed bytes) at commit time, so a read is one pread and one zstd decode per field with
 no tar header parsed, and every read is checked.
