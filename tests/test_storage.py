@@ -93,5 +93,5 @@ def test_mid_is_opt_in():
     spec = CacheSpec(name="t", dataset={"kind": "demo"}, teacher={"name": "resnet18"}, output="out")
     assert spec.roles == {"final": "fp16", "logits": "fp16"}
     for job in ("demo", "swinl-imagenet", "eva-imagenet"):
-        text = (README.parent / "jobs" / f"{job}.yaml").read_text()
+        text = (Path(__file__).resolve().parents[1] / "jobs" / f"{job}.yaml").read_text()
         assert "mid:" not in re.search(r"^\s*roles:.*$", text, flags=re.M).group(0), job
