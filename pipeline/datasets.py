@@ -27,6 +27,7 @@ overlapping square tiles: 24 per class for train, 8 for val, saved as PNG of at 
 """
 from __future__ import annotations
 
+import array
 import glob
 import hashlib
 import io
@@ -100,15 +101,17 @@ class Listing(Sequence):
     """
 
     def __init__(self, keys: list[str], labels, folders: list[str], folder_index, names: list[str],
-                 members: list[str] | None = None, spans=None):
-        self.n = len(keys)
+                 members: list[str] | None = None, spans=None, order=None):
+        """order: the positions of the values in listing order (default: as given)."""
+        order = np.arange(len(keys)) if order is None else np.asarray(order)
+        self.n = len(order)
         self.folders = list(folders)
-        self.labels = np.asarray(labels, np.int64)
-        self.folder_index = np.asarray(folder_index, np.int32)
-        self._key, self._key_off = _blob(keys)
-        self._name, self._name_off = _blob(names)
-        self._member, self._member_off = _blob(members) if members is not None else (None, None)
-        self.spans = None if spans is None else np.asarray(spans, np.int64).reshape(self.n, 2)
+        self.labels = np.asarray(labels, np.int64)[order]
+        self.folder_index = np.asarray(folder_index, np.int32)[order]
+        self._key, self._key_off = _blob(keys, order)
+        self._name, self._name_off = _blob(names, order)
+        self._member, self._member_off = _blob(members, order) if members is not None else (None, None)
+        self.spans = None if spans is None else np.asarray(spans, np.int64).reshape(self.n, 2)[order]
 
     @classmethod
     def from_refs(cls, refs: list[SampleRef]) -> "Listing":
@@ -151,11 +154,14 @@ class Listing(Sequence):
         return (self._ref(i) for i in range(self.n))
 
 
-def _blob(values: list[str]) -> tuple[bytes, np.ndarray]:
-    encoded = [v.encode() for v in values]
-    offsets = np.zeros(len(encoded) + 1, np.int64)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    return b"".join(encoded), offsets
+def _blob(values, order=None) -> tuple[bytes, np.ndarray]:
+    """values (in the given order) as one UTF-8 blob and n + 1 offsets, built without a second list."""
+    order = range(len(values)) if order is None else order
+    blob, offsets = bytearray(), np.zeros(len(order) + 1, np.int64)
+    for j, i in enumerate(order):
+        blob += values[i].encode()
+        offsets[j + 1] = len(blob)
+    return bytes(blob), offsets
 
 
 def listing_sha256(refs: list[SampleRef]) -> str:
@@ -279,8 +285,8 @@ def _list_imagefolder(root: Path, split: str | None):
     # Columns, not objects: per sample a key, a file name, its folder's index and a label.
     keys: list[str] = []
     names: list[str] = []
-    folder_index: list[int] = []
-    label_of: list[int] = []
+    folder_index = array.array("i")
+    label_of = array.array("q")
     for f, class_dir in enumerate(class_dirs):
         label = labels[class_dir.name]
         for entry in entries(Path(class_dir.path)):
@@ -308,14 +314,14 @@ def _list_imagefolder(root: Path, split: str | None):
     if not keys:
         found = f"{len(classes)} class folders and no image files" if classes else "no class folders"
         raise DatasetError(f"dataset {top} is empty: expected {pattern} files, found {found}")
-    order = sorted(range(len(keys)), key=keys.__getitem__)  # by key, as every machine sorts it
-    for a, b in zip(order, order[1:]):
+    # By key, as every machine sorts it (a stable sort of the keys' str objects: 8 bytes an index).
+    order = np.argsort(np.array(keys, dtype=object), kind="stable")
+    for a, b in zip(order[:-1], order[1:]):
         if keys[a] == keys[b]:  # one stem, two extensions (cat.jpg and cat.png)
             raise DatasetError(f"duplicate sample key {keys[a]!r} in {top}: "
                                f"{class_dirs[folder_index[a]].path}{os.sep}{names[a]} and "
                                f"{class_dirs[folder_index[b]].path}{os.sep}{names[b]}")
-    listing = Listing([keys[i] for i in order], [label_of[i] for i in order], [d.path for d in class_dirs],
-                      [folder_index[i] for i in order], [names[i] for i in order])
+    listing = Listing(keys, label_of, [d.path for d in class_dirs], folder_index, names, order=order)
     return listing, classes, skipped
 
 
