@@ -426,7 +426,7 @@ def markdown(results: dict) -> str:
          f"consolidated index {d['consolidate_index_s']} s"),
         ("cache-job driver, memory", f"libraries {d['baseline_rss_mb']} MB, then the listing +{d['listing_rss_mb']} MB, "
          f"the shard records +{d['ledger_rss_mb']} MB, a fresh job's {d['tasks']:,} shard tasks +{d['tasks_rss_mb']} MB; "
-         f"peak {d['peak_rss_mb']} MB"),
+         f"peak {d['peak_rss_mb']} MB ({d['peak_rss_mb'] - d['baseline_rss_mb']:.0f} MB above the libraries, while listing)"),
         ("listing the files", f"{d['listing_s']} s for {o['samples']:,} files"),
         ("webdataset inputs with .json side members", f"{i['side_members']:,} side members, {i['skipped']} skipped; "
          f"listing {i['samples']:,} samples in {i['listing_s']} s"),

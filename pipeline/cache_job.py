@@ -32,7 +32,7 @@ import torch
 
 from scalekd.teacher import TeacherInfo
 
-from .datasets import BadImage, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
+from .datasets import BadImage, Listing, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
 from .job_spec import CacheSpec, work_dir
 from .ledger import LAYOUT, Ledger, package_versions
 from .output_guard import CacheConfigError, OutputLock, check_placement, refuse_foreign, remove_cache
@@ -89,15 +89,17 @@ def _role_specs(spec: CacheSpec, info: TeacherInfo) -> dict[str, RoleSpec]:
 # --------------------------------------------------------------------------- the three stages
 
 
-def render_views(task: dict, views, input_size: tuple[int, int], interpolation: str, data_root: str) -> dict:
+def render_views(task: dict, views, input_size: tuple[int, int], interpolation: str, data_root: str,
+                 listing=None) -> dict:
     """Decode the shard's images and render K views each at the teacher's input size.
 
-    task: {shard, start, end, refs (JSON list of SampleRef dicts)} → adds pixels (n·K, H, W, 3) uint8,
-    samples and skipped (JSON). A sample's source is recorded relative to data_root (the dataset's
-    root), so a copied cache replays from wherever the dataset is copied to.
+    task: {shard, start, end} and either refs (JSON list of SampleRef dicts) or, from ``listing``
+    (a datasets.Listing, or a Ray object reference to one), its samples [start, end) → adds pixels
+    (n·K, H, W, 3) uint8, samples and skipped (JSON). A sample's source is recorded relative to
+    data_root (the dataset's root), so a copied cache replays from wherever the dataset is copied to.
     """
     samples, skipped, pixels = [], [], []
-    for ref in map(lambda d: SampleRef(**d), json.loads(task["refs"])):
+    for ref in _task_refs(task, listing):
         try:
             image = load_image(ref)
         except BadImage as e:
@@ -115,6 +117,24 @@ def render_views(task: dict, views, input_size: tuple[int, int], interpolation: 
     return {"shard": task["shard"], "start": task["start"], "end": task["end"],
             "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8),
             "samples": json.dumps(samples), "skipped": json.dumps(skipped)}
+
+
+_LISTINGS: dict = {}  # a Ray worker's copy of the driver's listing, fetched once
+
+
+def _task_refs(task: dict, listing) -> list[SampleRef]:
+    if "refs" in task:
+        return [SampleRef(**d) for d in json.loads(task["refs"])]
+    if listing is None:
+        raise ValueError(f"task of shard {task['shard']} carries no refs and no listing was given")
+    if not isinstance(listing, Listing):  # a Ray ObjectRef: the listing lives once in the object store
+        import ray
+
+        if listing not in _LISTINGS:
+            _LISTINGS.clear()
+            _LISTINGS[listing] = ray.get(listing)
+        listing = _LISTINGS[listing]
+    return listing[int(task["start"]) : int(task["end"])]
 
 
 class TeacherForward:
@@ -261,14 +281,18 @@ def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_k
         writer.shutdown(wait=True, cancel_futures=True)
 
 
-def shard_tasks(refs: list[SampleRef], per_shard: int, done=()) -> list[dict]:
-    """One task per shard not in ``done``: {shard, start, end, refs (JSON of its SampleRefs)}."""
+def shard_tasks(refs, per_shard: int, done=(), with_refs: bool = False) -> list[dict]:
+    """One task per shard not in ``done``: {shard, start, end}; with_refs: and refs (JSON of its
+    SampleRefs), for workers that do not share the driver's listing (spawned render processes)."""
     tasks = []
     for i in range(-(-len(refs) // per_shard)):
         if i in done:
             continue
         start, end = i * per_shard, min(len(refs), (i + 1) * per_shard)
-        tasks.append({"shard": i, "start": start, "end": end, "refs": json.dumps([asdict(r) for r in refs[start:end]])})
+        task = {"shard": i, "start": start, "end": end}
+        if with_refs:
+            task["refs"] = json.dumps([asdict(r) for r in refs[start:end]])
+        tasks.append(task)
     return tasks
 
 
@@ -450,8 +474,10 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
     n_shards = -(-len(refs) // spec.samples_per_shard)
     ledger = Ledger(root, _manifest_header(spec, info, ckpt, sha, specs, config, len(refs), classes, data_root),
                     n_shards, listing_skipped, metas)
-    tasks = shard_tasks(refs, spec.samples_per_shard, done=ledger)
-    del refs  # the tasks hold what the workers need
+    # The tasks are ranges of the listing; render threads read it in place, a Ray job from its object
+    # store (one copy per node), spawned render processes from refs carried in the task.
+    by_process = engine == "local" and local_render == "processes"
+    tasks = shard_tasks(refs, spec.samples_per_shard, done=ledger, with_refs=by_process)
     if max_shards is not None:
         tasks = tasks[:max_shards]
     ledger.save()  # first: from here on the folder is a cache
@@ -463,7 +489,7 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
         log(f"resuming: {len(ledger)} of {n_shards} shards already committed in {root}")
 
     render_kw = dict(views=spec.views, input_size=tuple(info.input_size[1:]), interpolation=info.interpolation,
-                     data_root=str(data_root))
+                     data_root=str(data_root), listing=None if by_process else refs)
     teacher_kw = dict(teacher=spec.teacher, checkpoint=ckpt, roles=list(specs), batch_size=spec.batch_size,
                       device=spec.device)
     write_kw = dict(root=str(root), fmt=spec.format, specs={k: v.to_dict() for k, v in specs.items()},
@@ -482,6 +508,7 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
             from ray.data import ActorPoolStrategy
 
             started_ray = _init_ray(spec.address)
+            render_kw["listing"] = ray.put(refs)
             gpus = 1 if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
             # Nodes that offer CPUs (a head started with --num-cpus=0 runs no work and does not count).
             nodes = max(1, len([n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]))
@@ -541,7 +568,7 @@ def _check_labels(refs: list[SampleRef], info: TeacherInfo, dataset: dict) -> No
     """A label the teacher's classifier has no class for would fail training deep in the loss: refuse it here."""
     if not refs or not info.num_classes:
         return
-    top = max(refs, key=lambda r: r.label)
+    top = refs[int(np.argmax(refs.labels))] if isinstance(refs, Listing) else max(refs, key=lambda r: r.label)
     if top.label >= info.num_classes:
         raise ValueError(f"dataset {dataset.get('root') or dataset.get('urls')} has label {top.label} (sample "
                          f"{top.key!r}), but teacher {info.name} has {info.num_classes} classes (labels 0.."
