@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scalekd.targets import teacher_precision
 from scalekd.teacher import TeacherInfo, split_teacher, teacher_family
 
 from .datasets import BadImage, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
@@ -111,13 +112,18 @@ def render_views(task: dict, views, input_size: tuple[int, int], interpolation: 
 
 
 class TeacherForward:
-    """The frozen teacher, loaded once per actor; maps a rendered shard to its teacher outputs."""
+    """The frozen teacher, loaded once per actor; maps a rendered shard to its teacher outputs.
+
+    The teacher runs at ``teacher['precision']`` (fp32 | bf16 | fp16, autocast: scalekd.targets.
+    teacher_precision); its outputs are cast to float32 before they are checked and encoded."""
 
     def __init__(self, teacher: dict, checkpoint: str | None, roles: list[str], batch_size: int, device: str = "auto",
                  threads: int | None = None):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.precision = teacher.get("precision", "fp32")
+        teacher_precision(self.device, self.precision)  # fp16 on a CPU is refused before the teacher loads
         if threads and self.device.type == "cpu":
             # Ray starts workers with one intra-op thread (OMP_NUM_THREADS=1); a CPU teacher actor
             # should use its share of the node's cores instead (measured: 0.48 → see README).
@@ -140,7 +146,8 @@ class TeacherForward:
         outs: dict[str, list[np.ndarray]] = {r: [] for r in self.roles}
         for i in range(0, len(pixels), self.batch_size):
             x = normalize(pixels[i : i + self.batch_size], self.mean, self.std).to(self.device)
-            out = self.split.targets(x)
+            with teacher_precision(self.device, self.precision):
+                out = self.split.targets(x)
             for r in self.roles:
                 t = out[r].float()
                 if not torch.isfinite(t).all():
@@ -275,7 +282,9 @@ def _config(spec: CacheSpec, sha: str | None, refs: list[SampleRef]) -> dict:
             "views": asdict(spec.views), "roles": dict(spec.roles), "samples_per_shard": spec.samples_per_shard,
             "compression_level": spec.compression_level, "batch_size": spec.batch_size,
             "random_init_seed": None if sha or spec.teacher.get("pretrained") else spec.teacher.get("seed", 0),
-            "dataset_listing_sha256": listing}))
+            "dataset_listing_sha256": listing}
+            # Only when not fp32: caches made before precision existed (fp32) keep their configuration.
+            | ({"teacher_precision": p} if (p := spec.teacher.get("precision", "fp32")) != "fp32" else {})))
 
 
 def config_sha256(config: dict) -> str:
@@ -364,6 +373,7 @@ def _manifest_header(spec, info, ckpt, sha, specs, config, listed, classes, data
         "teacher": info.to_dict() | {"checkpoint": ckpt, "checkpoint_sha256": sha,
                                      "pretrained": bool(spec.teacher.get("pretrained", False)),
                                      "seed": config["random_init_seed"],
+                                     "precision": spec.teacher.get("precision", "fp32"),
                                      "kwargs": spec.teacher.get("kwargs", {})},
         "views": spec.views.to_dict() | {"fields": list(VIEW_FIELDS)},
         "dataset": {"spec": spec.dataset, "root": str(data_root), "relative_spec": relative_spec(spec.dataset, data_root),
@@ -423,6 +433,12 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
                    held: contextlib.ExitStack) -> dict:
     t0 = time.perf_counter()
     info = teacher_info_for(spec.teacher)  # an unknown teacher fails here, before any work
+    if engine == "local" or spec.device == "cpu":  # fp16 on a CPU, before the output exists (Ray: in the actor)
+        where = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            teacher_precision(where, spec.teacher.get("precision", "fp32"))
+        except ValueError as e:
+            raise ValueError(f"cache.teacher.precision: {e}") from None
     ckpt = resolve_checkpoint(spec.teacher)
     sha = file_sha256(ckpt) if ckpt else None
     refs, classes, listing_skipped = list_dataset(spec.dataset)

@@ -182,6 +182,8 @@ def recompute(root: str | Path, n: int = 4, device: str = "cpu") -> dict:
     """Re-run the teacher on n stored views, replaying their parameters; the largest differences."""
     import torch
 
+    from scalekd.targets import teacher_precision
+
     from .datasets import SampleRef, load_image
     from .views import ViewParams, fingerprint, normalize, render_view
     from .weights import load_teacher
@@ -203,7 +205,7 @@ def recompute(root: str | Path, n: int = 4, device: str = "cpu") -> dict:
         pixels = render_view(load_image(SampleRef.from_sample(s)), ViewParams.from_array(s["views"][v]), size, t["interpolation"])
         if fingerprint(pixels) != s["fingerprints"][v]:
             mismatched.append(f"{s['key']} view {v}")
-        with torch.inference_mode():
+        with torch.inference_mode(), teacher_precision(device, t.get("precision", "fp32")):  # as it was cached
             live = split.targets(normalize(pixels[None], t["mean"], t["std"]).to(device))
         stored = reader.read(i, v)
         for r in reader.specs:
