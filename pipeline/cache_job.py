@@ -34,6 +34,7 @@ from scalekd.targets import teacher_precision
 from scalekd.teacher import TeacherInfo, split_teacher, teacher_family
 
 from .datasets import BadImage, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
+from .encoding import map_ordered, slices
 from .job_spec import CacheSpec, work_dir
 from .ledger import LAYOUT, Ledger, package_versions
 from .output_guard import CacheConfigError, OutputLock, check_placement, refuse_foreign, remove_cache
@@ -174,10 +175,11 @@ def _node_id() -> str:
 
 
 def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int,
-                config_sha256: str | None = None) -> dict:
+                config_sha256: str | None = None, encoders: int = 1) -> dict:
     """Encode a shard's teacher outputs and commit it; returns {'record': JSON of the shard's record,
     'node': the node whose teacher computed it}. config_sha256: the run's config digest, kept in
-    shard.json (a lost manifest is rebuilt only from shards of the same configuration)."""
+    shard.json (a lost manifest is rebuilt only from shards of the same configuration). encoders:
+    threads casting, compressing and hashing the shard (pipeline.encoding); the same bytes at any count."""
     specs = {k: RoleSpec.from_dict(v) if isinstance(v, dict) else v for k, v in specs.items()}
     samples = json.loads(row["samples"])
     fields: dict[str, np.ndarray] = {}
@@ -185,10 +187,12 @@ def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, lev
         data = np.asarray(row[name], dtype=np.float32)
         if not samples:
             data = np.zeros((0, num_views, *spec.shape), np.float32)
-        fields.update(encode(spec, data))
+        # Per sample, so cut by samples: each part's fields are the whole shard's rows (int8 stats are per view).
+        parts = map_ordered(lambda s: encode(spec, data[s]), slices(len(data), encoders), encoders)
+        fields.update({f: parts[0][f] if len(parts) == 1 else np.concatenate([p[f] for p in parts]) for f in parts[0]})
     record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
                           samples, json.loads(row["skipped"]), num_views, level, view_width=len(VIEW_FIELDS),
-                          extra={"config_sha256": config_sha256} if config_sha256 else None)
+                          extra={"config_sha256": config_sha256} if config_sha256 else None, workers=encoders)
     return {"record": json.dumps(record), "node": row.get("node", "local")}
 
 
@@ -196,7 +200,7 @@ def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, lev
 
 
 def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_kw: dict, threads: int | None = None,
-                   render: str | None = None):
+                   render: str | None = None, encoders: int | None = None):
     """The three stages on this machine, overlapped: shards are rendered ahead by `threads` workers
     and encoded and committed in a writer thread while the teacher runs on the next shard. Shards
     reach the teacher and the disk in task order, so the cache is the same as in series (threads=0);
@@ -207,7 +211,12 @@ def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_k
     forward: series 0.24, 4 threads 0.66–0.75, 8 or 14 threads 0.64–0.67, 4/8/14 processes
     0.56/0.61/0.65: rendering no longer bounds it there. The one writer thread does: encoding and
     committing a Swin-L shard (256 views, 116 MB in fp16) takes 1.3 s (zarr) / 0.5 s (webdataset)
-    on a 2-core Xeon, against the H100's 0.53 s forward of it."""
+    on a 2-core Xeon, against the H100's 0.53 s forward of it.
+
+    encoders: threads that encode each shard inside the writer (casts, zstd per view, sha256 per
+    file: pipeline.encoding), default min(4, cores). Commits stay in the one writer thread, in order,
+    and the bytes are the same at any count; at most 2 shards wait for the writer (memory stays flat).
+    The writer's capacity by encoder count: bench/writer.py, bench/results-writer.json."""
     render = render or "threads"
     if render not in ("threads", "processes"):
         raise ValueError(f"render must be 'threads' or 'processes', got {render!r}")
@@ -215,6 +224,7 @@ def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_k
         return
     forward = TeacherForward(**teacher_kw)
     threads = min(4, os.cpu_count() or 1) if threads is None else threads
+    write_kw = write_kw | {"encoders": min(4, os.cpu_count() or 1) if encoders is None else encoders}
     if threads == 0:
         for t in tasks:
             yield write_shard(forward(render_views(t, **render_kw)), **write_kw)
@@ -411,13 +421,14 @@ def _init_ray(address: str | None):
 
 def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray", progress: bool = True,
                   max_shards: int | None = None, log=print, local_threads: int | None = None,
-                  local_render: str | None = None) -> dict:
+                  local_render: str | None = None, local_encoders: int | None = None) -> dict:
     """Cache the teacher's outputs for every view of every image in ``spec.dataset``; returns the summary.
 
     engine: 'ray' (a local Ray started here, or the cluster at spec.address / $RAY_ADDRESS) or
     'local' (the same stages in this process). max_shards: stop after that many new shards (tests).
     local_threads, local_render: the local engine's render workers (0 = the stages in series) and their
-    kind, 'threads' or 'processes' (see local_pipeline for the defaults).
+    kind, 'threads' or 'processes'; local_encoders: the threads encoding each shard (see local_pipeline for the
+    defaults; Ray's write tasks encode in one thread each, several tasks at once).
 
     The output folder is locked for the whole job (a second job on it is refused) and holds nothing
     but a cache (anything else in it is refused, whatever the flags).
@@ -426,10 +437,11 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     check_placement(spec.output, spec.dataset)  # before anything is read
     with contextlib.ExitStack() as held:  # the output's lock, once taken, until the job ends
-        return _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render, held)
+        return _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render,
+                              local_encoders, held)
 
 
-def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render,
+def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render, local_encoders,
                    held: contextlib.ExitStack) -> dict:
     t0 = time.perf_counter()
     info = teacher_info_for(spec.teacher)  # an unknown teacher fails here, before any work
@@ -485,7 +497,7 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
     started_ray, new_samples, per_node, results = False, 0, {}, None
     try:
         if engine == "local":
-            results = local_pipeline(tasks, render_kw, teacher_kw, write_kw, local_threads, local_render)
+            results = local_pipeline(tasks, render_kw, teacher_kw, write_kw, local_threads, local_render, local_encoders)
         else:
             import ray
             from ray.data import ActorPoolStrategy
