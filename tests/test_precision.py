@@ -158,3 +158,12 @@ def test_online_targets_refuse_fp16_on_a_cpu():
     with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
         OnlineTargets(split, "fp16")
     assert isinstance(split, TeacherSplit)
+
+
+def test_recompute_reruns_the_teacher_at_the_caches_precision(world):
+    """inspect-shards --recompute compares stored outputs with the teacher re-run as it was cached."""
+    from pipeline.inspect_cache import recompute
+
+    out = recompute(world["caches"][("bf16", "fp32")], n=2)
+    assert out["views_checked"] == 2 and not out["fingerprint_mismatches"]
+    assert max(out["max_rel_l2"].values()) < 1e-5, out["max_rel_l2"]
