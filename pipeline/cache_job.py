@@ -187,13 +187,28 @@ def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, lev
         data = np.asarray(row[name], dtype=np.float32)
         if not samples:
             data = np.zeros((0, num_views, *spec.shape), np.float32)
-        # Per sample, so cut by samples: each part's fields are the whole shard's rows (int8 stats are per view).
-        parts = map_ordered(lambda s: encode(spec, data[s]), slices(len(data), encoders), encoders)
-        fields.update({f: parts[0][f] if len(parts) == 1 else np.concatenate([p[f] for p in parts]) for f in parts[0]})
+        fields.update(_encode_role(spec, data, encoders))
     record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
                           samples, json.loads(row["skipped"]), num_views, level, view_width=len(VIEW_FIELDS),
                           extra={"config_sha256": config_sha256} if config_sha256 else None, workers=encoders)
     return {"record": json.dumps(record), "node": row.get("node", "local")}
+
+
+def _encode_role(spec: RoleSpec, data: np.ndarray, encoders: int) -> dict[str, np.ndarray]:
+    """schema.encode of (n, K, *spec.shape) float32 in ``encoders`` threads, cut by samples (a codec's
+    statistics are per view, so each part encodes to exactly the whole's rows), each part written into
+    the preallocated fields (no second copy of the shard)."""
+    if encoders <= 1 or spec.codec == "fp32":  # fp32 stores the array as it is: nothing to cast
+        return encode(spec, data)
+    lead = data.shape[: data.ndim - len(spec.shape)]
+    out = {f: np.empty((*lead, *shape), dtype) for f, (shape, dtype) in spec.fields().items()}
+
+    def part(s: slice) -> None:
+        for f, a in encode(spec, data[s]).items():
+            out[f][s] = a
+
+    map_ordered(part, slices(len(data), encoders), encoders)
+    return out
 
 
 # --------------------------------------------------------------------------- the driver

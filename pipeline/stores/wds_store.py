@@ -76,13 +76,13 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
     codec = Zstd(level=level, checksum=True)
     order = field_order(specs)
     entries = np.zeros((num_views, len(samples), len(order), 3), np.int64)
-    cells = [(view, row) for view in range(num_views) for row in range(len(samples))]
+    for view in range(num_views):  # one view's entries compressed at a time: memory holds one tar's worth
 
-    def compress(part: slice) -> list[bytes]:  # every field of each (view, row) cell, in the tars' order
-        return [bytes(codec.encode(_npy(fields[field][row, view]))) for view, row in cells[part] for field, _, _ in order]
+        def compress(rows: slice, view: int = view) -> list[bytes]:  # every field of each row, in the tar's order
+            return [bytes(codec.encode(_npy(fields[field][row, view]))) for row in range(len(samples))[rows]
+                    for field, _, _ in order]
 
-    payloads = iter([p for part in map_ordered(compress, slices(len(cells), workers), workers) for p in part])
-    for view in range(num_views):
+        payloads = iter([p for part in map_ordered(compress, slices(len(samples), workers), workers) for p in part])
         with tarfile.open(folder / f"v{view}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for row, s in enumerate(samples):
                 meta = {"key": s["key"], "label": s["label"], "index": s["index"], "view_index": view,
