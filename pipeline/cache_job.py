@@ -10,7 +10,8 @@
 The driver streams the committed records back and keeps manifest.json current. ``engine="local"``
 runs the very same three functions in this process (one machine, no Ray): views are rendered
 ahead in threads and shards written in a writer thread while the teacher runs (measured on an
-H100 with Swin-L: 2.6–2.7× the stages in series; bench/results-throughput-cuda*.json).
+H100 with Swin-L: 2.6–2.7× the stages in series; bench/results-throughput-cuda*.json); the writer
+encodes each shard in several threads and commits in order (bench/writer.py).
 
 Exactly once: a shard's contents depend only on its range (views are seeded by key, the teacher
 sees the shard's views in a fixed order and batch split), commits are atomic renames, a re-run

@@ -167,3 +167,12 @@ def test_recompute_reruns_the_teacher_at_the_caches_precision(world):
     out = recompute(world["caches"][("bf16", "fp32")], n=2)
     assert out["views_checked"] == 2 and not out["fingerprint_mismatches"]
     assert max(out["max_rel_l2"].values()) < 1e-5, out["max_rel_l2"]
+
+
+def test_a_run_that_asks_for_another_precision_is_refused_naming_it(world, tmp_path):
+    from pipeline.late import CacheMismatchError
+
+    cache = world["caches"][("bf16", "fp16")]
+    with pytest.raises(CacheMismatchError, match="teacher precision = 'bf16', but this run asks for precision = 'fp32'"):
+        build_run(_train_spec(cache, tmp_path / "r", teacher={"precision": "fp32"}), torch.device("cpu"))
+    build_run(_train_spec(cache, tmp_path / "r", teacher={"precision": "bf16"}), torch.device("cpu"))
