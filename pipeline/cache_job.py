@@ -461,12 +461,9 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
                    held: contextlib.ExitStack) -> dict:
     t0 = time.perf_counter()
     info = teacher_info_for(spec.teacher)  # an unknown teacher fails here, before any work
-    if engine == "local" or spec.device == "cpu":  # fp16 on a CPU, before the output exists (Ray: in the actor)
-        where = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            teacher_precision(where, spec.teacher.get("precision", "fp32"))
-        except ValueError as e:
-            raise ValueError(f"cache.teacher.precision: {e}") from None
+    remote = engine == "ray" and (spec.address or os.environ.get("RAY_ADDRESS"))
+    if not remote or spec.device == "cpu":  # the teacher runs on this machine's devices: check before any output
+        _check_precision(spec, spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = resolve_checkpoint(spec.teacher)
     sha = file_sha256(ckpt) if ckpt else None
     refs, classes, listing_skipped = list_dataset(spec.dataset)
@@ -520,6 +517,7 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
 
             started_ray = _init_ray(spec.address)
             gpus = 1 if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            _check_precision(spec, "cuda" if gpus else "cpu")  # a cluster's actors (an actor's own refusal would be retried)
             # Nodes that offer CPUs (a head started with --num-cpus=0 runs no work and does not count).
             nodes = max(1, len([n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]))
             cpus_per_node = int(ray.cluster_resources().get("CPU", 1)) // nodes
@@ -572,6 +570,14 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
 
             ray.shutdown()
     return summarize(root, time.perf_counter() - t0, new_samples) | {"shards_per_teacher_node": per_node}
+
+
+def _check_precision(spec: CacheSpec, device: str) -> None:
+    """teacher.precision on the device the teacher will run on (fp16 needs CUDA), as a job-spec error."""
+    try:
+        teacher_precision(device, spec.teacher.get("precision", "fp32"))
+    except ValueError as e:
+        raise ValueError(f"cache.teacher.precision: {e}") from None
 
 
 def _check_labels(refs: list[SampleRef], info: TeacherInfo, dataset: dict) -> None:

@@ -60,10 +60,12 @@ def test_an_unknown_precision_is_refused_naming_the_key_and_the_choices(tmp_path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused on a CPU only")
-def test_fp16_on_a_cpu_is_refused_before_the_output_exists(world, tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_fp16_on_a_cpu_is_refused_before_the_output_exists(world, tmp_path, engine, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray: its teacher runs on this machine
     out = tmp_path / "c"
     with pytest.raises(ValueError, match=r"cache\.teacher\.precision: .*'fp16' needs a CUDA device.*'bf16'"):
-        run(_cache_spec(world["data"], out, world["ckpt"], "fp16"))
+        run(_cache_spec(world["data"], out, world["ckpt"], "fp16"), engine=engine)
     assert not out.exists()
 
 
