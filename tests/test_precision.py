@@ -77,6 +77,13 @@ def test_the_manifest_records_the_precision_and_only_a_non_fp32_one_changes_the_
         assert m["config"].get("teacher_precision") == (None if precision == "fp32" else precision)
 
 
+def test_inspect_shards_shows_the_precision(world):
+    from pipeline.inspect_cache import describe
+
+    assert describe(world["caches"][("bf16", "fp16")])["teacher_precision"] == "bf16"
+    assert describe(world["caches"][("fp32", "fp16")])["teacher_precision"] == "fp32"
+
+
 def test_a_cache_of_another_precision_is_another_configuration(world, tmp_path):
     out = tmp_path / "c"
     run(_cache_spec(world["data"], out, world["ckpt"], "fp32", roles=FP32))
@@ -178,3 +185,13 @@ def test_a_run_that_asks_for_another_precision_is_refused_naming_it(world, tmp_p
     with pytest.raises(CacheMismatchError, match="teacher precision = 'bf16', but this run asks for precision = 'fp32'"):
         build_run(_train_spec(cache, tmp_path / "r", teacher={"precision": "fp32"}), torch.device("cpu"))
     build_run(_train_spec(cache, tmp_path / "r", teacher={"precision": "bf16"}), torch.device("cpu"))
+
+
+def test_check_late_reruns_late_at_the_caches_precision(world, tmp_path):
+    """inspect-shards --check-late: late on stored mid against stored final, at the precision they were made."""
+    from pipeline.inspect_cache import check_late
+
+    out = tmp_path / "c"
+    run(_cache_spec(world["data"], out, world["ckpt"], "bf16", roles={"final": "fp32", "mid": "fp32", "logits": "fp32"}))
+    report = check_late(out, n=3)
+    assert report["ok"] and max(report["max_rel_l2"].values()) < 1e-5, report
