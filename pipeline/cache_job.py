@@ -463,7 +463,8 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
     info = teacher_info_for(spec.teacher)  # an unknown teacher fails here, before any work
     remote = engine == "ray" and (spec.address or os.environ.get("RAY_ADDRESS"))
     if not remote or spec.device == "cpu":  # the teacher runs on this machine's devices: check before any output
-        _check_precision(spec, spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        here = "cuda" if torch.cuda.is_available() else "cpu"
+        _check_precision(spec, spec.device if spec.device != "auto" else here)
     ckpt = resolve_checkpoint(spec.teacher)
     sha = file_sha256(ckpt) if ckpt else None
     refs, classes, listing_skipped = list_dataset(spec.dataset)
@@ -510,14 +511,16 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
     started_ray, new_samples, per_node, results = False, 0, {}, None
     try:
         if engine == "local":
-            results = local_pipeline(tasks, render_kw, teacher_kw, write_kw, local_threads, local_render, local_encoders)
+            results = local_pipeline(tasks, render_kw, teacher_kw, write_kw, local_threads, local_render,
+                                     local_encoders)
         else:
             import ray
             from ray.data import ActorPoolStrategy
 
             started_ray = _init_ray(spec.address)
             gpus = 1 if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
-            _check_precision(spec, "cuda" if gpus else "cpu")  # a cluster's actors (an actor's own refusal would be retried)
+            # The cluster's actors' device (an actor's own refusal would be retried by Ray, without end).
+            _check_precision(spec, "cuda" if gpus else "cpu")
             # Nodes that offer CPUs (a head started with --num-cpus=0 runs no work and does not count).
             nodes = max(1, len([n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]))
             cpus_per_node = int(ray.cluster_resources().get("CPU", 1)) // nodes
