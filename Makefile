@@ -54,6 +54,8 @@ bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/storage.py --json bench/storage-demo.json > /dev/null
 	$(BIN)/python bench/memory.py --json bench/memory-swinl.json
+	$(BIN)/python bench/precision.py
+	$(BIN)/python bench/writer.py
 	$(BIN)/python bench/report.py
 
 # ImageNet-1K scale (1,281,167 images × K = 4): the cache's metadata, reads and bookkeeping, on synthetic
@@ -67,6 +69,8 @@ bench-quick: setup
 	$(BIN)/python bench/step.py --quick --json .work/results-step-quick.json
 	$(BIN)/python bench/throughput.py --quick --json .work/results-throughput-quick.json
 	$(BIN)/python bench/memory.py --quick --json .work/memory-quick.json
+	$(BIN)/python bench/precision.py --quick --json .work/results-precision-quick.json
+	$(BIN)/python bench/writer.py --quick --json .work/results-writer-quick.json
 	$(BIN)/python bench/scale.py --quick
 
 clean:

@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"step": "results-step.json", "throughput": "results-throughput.json", "storage": "storage-demo.json",
          "memory": "memory-swinl.json", "step_cuda": "results-step-cuda.json",
-         "throughput_cuda": "results-throughput-cuda.json"}
+         "throughput_cuda": "results-throughput-cuda.json", "precision": "results-precision.json",
+         "writer": "results-writer.json"}
 
 
 def _machine(m: dict) -> str:

@@ -31,6 +31,7 @@ from pipeline.cache_job import TeacherForward, render_views, resolve_checkpoint,
 from pipeline.datasets import list_dataset  # noqa: E402
 from pipeline.job_spec import load_cache_spec  # noqa: E402
 from pipeline.views import normalize  # noqa: E402
+from scalekd.targets import teacher_precision  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from step import machine  # noqa: E402
@@ -49,7 +50,7 @@ def bare_forward(spec) -> dict:
         batches = [normalize(pixels[i : i + spec.batch_size], info.mean, info.std)
                    for i in range(0, len(pixels), spec.batch_size)]
         t = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), teacher_precision(forward.device, forward.precision):
             for x in batches:
                 forward.split.targets(x.to(forward.device))
         if forward.device.type == "cuda":
@@ -58,7 +59,7 @@ def bare_forward(spec) -> dict:
     return {"seconds_per_shard": per_shard, "total_s": sum(per_shard), "samples": len(refs)}
 
 
-def job(spec, engine: str, out: Path) -> dict:
+def job(spec, engine: str, out: Path, encoders: int | None = None) -> dict:
     spec = replace(spec, output=str(out))
     t = time.perf_counter()
     kw = {"engine": engine}
@@ -67,11 +68,12 @@ def job(spec, engine: str, out: Path) -> dict:
         if ":" in engine:
             n = engine.split(":")[1]
             kw |= {"local_threads": int(n.lstrip("p")), "local_render": "processes" if n[0] == "p" else "threads"}
+        kw |= {"local_encoders": encoders}
     summary = run_cache_job(spec, progress=False, log=lambda m: None, **kw)
     total = time.perf_counter() - t
     commits = sorted(p.stat().st_mtime for p in out.glob("shard-*/shard.json"))
     gaps = [b - a for a, b in zip(commits, commits[1:])]
-    return {"engine": engine, "total_s": round(total, 2), "samples": summary["samples"],
+    return {"engine": engine, "encoders": encoders if engine.startswith("local") else None, "total_s": round(total, 2), "samples": summary["samples"],
             "samples_per_s": round(summary["samples"] / total, 3),
             "steady_seconds_per_shard": round(statistics.median(gaps), 3) if gaps else None}
 
@@ -83,6 +85,10 @@ def main(argv=None):
                         "local-serial, ray")
     p.add_argument("--teacher", default=None, help="a timm teacher with random weights instead of the demo's Lite0")
     p.add_argument("--batch", type=int, default=None, help="teacher batch (default: the demo job's 32)")
+    p.add_argument("--encoders", type=int, nargs="*", default=[None],
+                   help="the local engine's encoder threads, each count a run of every local engine (default: min(4, cores))")
+    p.add_argument("--precision", default=None, help="teacher.precision for the job and the bare forward: fp32, bf16 "
+                   "or fp16 (CUDA only); default the job's")
     p.add_argument("--quick", action="store_true", help="the local engine on the 80 held-out tiles, 1 view "
                    "(a smoke run, not a measurement)")
     p.add_argument("--json", default=str(ROOT / "bench/results-throughput.json"))
@@ -93,18 +99,22 @@ def main(argv=None):
         spec = replace(spec, dataset=spec.dataset | {"split": "val"}, views=replace(spec.views, per_image=1))
     if a.teacher:
         spec = replace(spec, teacher={"name": a.teacher, "seed": 0, "late_blocks": 2})
+    if a.precision:
+        spec = replace(spec, teacher=spec.teacher | {"precision": a.precision})
     if a.batch:
         spec = replace(spec, batch_size=a.batch, samples_per_shard=max(spec.samples_per_shard, a.batch))
     bare = bare_forward(spec)
     bare_shard = statistics.median(bare["seconds_per_shard"])
     result = {"machine": machine(), "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "teacher": spec.teacher["name"], "views_per_image": spec.views.per_image, "batch": spec.batch_size,
+              "teacher": spec.teacher["name"], "precision": spec.teacher.get("precision", "fp32"),
+              "views_per_image": spec.views.per_image, "batch": spec.batch_size,
               "bare_forward": {"total_s": round(bare["total_s"], 2), "seconds_per_shard": round(bare_shard, 3),
                                "samples_per_s": round(bare["samples"] / bare["total_s"], 3)}, "jobs": []}
     (ROOT / ".work").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / ".work") as work:
-        for engine in a.engine:
-            r = job(spec, engine, Path(work) / engine)
+        runs = [(e, n) for e in a.engine for n in (a.encoders if e.startswith("local") else [None])]
+        for engine, encoders in runs:
+            r = job(spec, engine, Path(work) / f"{engine}-{encoders}", encoders)
             r["end_to_end_over_bare"] = round(r["samples_per_s"] / result["bare_forward"]["samples_per_s"], 3)
             if r["steady_seconds_per_shard"]:
                 r["steady_over_bare"] = round(bare_shard / r["steady_seconds_per_shard"], 3)

@@ -10,7 +10,8 @@
 The driver streams the committed records back and keeps manifest.json current. ``engine="local"``
 runs the very same three functions in this process (one machine, no Ray): views are rendered
 ahead in threads and shards written in a writer thread while the teacher runs (measured on an
-H100 with Swin-L: 2.6–2.7× the stages in series; bench/results-throughput-cuda*.json).
+H100 with Swin-L: 2.6–2.7× the stages in series; bench/results-throughput-cuda*.json); the writer
+encodes each shard in several threads and commits in order (bench/writer.py).
 
 Exactly once: a shard's contents depend only on its range (views are seeded by key, the teacher
 sees the shard's views in a fixed order and batch split), commits are atomic renames, a re-run
@@ -30,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scalekd.targets import teacher_precision
 from scalekd.teacher import TeacherInfo
 
 from .datasets import BadImage, Listing, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
+from .encoding import map_ordered, slices
 from .job_spec import CacheSpec, work_dir
 from .ledger import LAYOUT, Ledger, package_versions
 from .output_guard import CacheConfigError, OutputLock, check_placement, refuse_foreign, remove_cache
@@ -138,13 +141,18 @@ def _task_refs(task: dict, listing) -> list[SampleRef]:
 
 
 class TeacherForward:
-    """The frozen teacher, loaded once per actor; maps a rendered shard to its teacher outputs."""
+    """The frozen teacher, loaded once per actor; maps a rendered shard to its teacher outputs.
+
+    The teacher runs at ``teacher['precision']`` (fp32 | bf16 | fp16, autocast: scalekd.targets.
+    teacher_precision); its outputs are cast to float32 before they are checked and encoded."""
 
     def __init__(self, teacher: dict, checkpoint: str | None, roles: list[str], batch_size: int, device: str = "auto",
                  threads: int | None = None):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        self.precision = teacher.get("precision", "fp32")
+        teacher_precision(self.device, self.precision)  # fp16 on a CPU is refused before the teacher loads
         if threads and self.device.type == "cpu":
             # Ray starts workers with one intra-op thread (OMP_NUM_THREADS=1); a CPU teacher actor
             # should use its share of the node's cores instead (measured: 0.48 → see docs/benchmarks.md).
@@ -167,7 +175,8 @@ class TeacherForward:
         outs: dict[str, list[np.ndarray]] = {r: [] for r in self.roles}
         for i in range(0, len(pixels), self.batch_size):
             x = normalize(pixels[i : i + self.batch_size], self.mean, self.std).to(self.device)
-            out = self.split.targets(x)
+            with teacher_precision(self.device, self.precision):
+                out = self.split.targets(x)
             for r in self.roles:
                 t = out[r].float()
                 if not torch.isfinite(t).all():
@@ -194,10 +203,11 @@ def _node_id() -> str:
 
 
 def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int,
-                config_sha256: str | None = None) -> dict:
+                config_sha256: str | None = None, encoders: int = 1) -> dict:
     """Encode a shard's teacher outputs and commit it; returns {'record': JSON of the shard's record,
     'node': the node whose teacher computed it}. config_sha256: the run's config digest, kept in
-    shard.json (a lost manifest is rebuilt only from shards of the same configuration)."""
+    shard.json (a lost manifest is rebuilt only from shards of the same configuration). encoders:
+    threads casting, compressing and hashing the shard (pipeline.encoding); the same bytes at any count."""
     specs = {k: RoleSpec.from_dict(v) if isinstance(v, dict) else v for k, v in specs.items()}
     samples = json.loads(row["samples"])
     fields: dict[str, np.ndarray] = {}
@@ -205,18 +215,35 @@ def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, lev
         data = np.asarray(row[name], dtype=np.float32)
         if not samples:
             data = np.zeros((0, num_views, *spec.shape), np.float32)
-        fields.update(encode(spec, data))
+        fields.update(_encode_role(spec, data, encoders))
     record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
                           samples, json.loads(row["skipped"]), num_views, level, view_width=len(VIEW_FIELDS),
-                          extra={"config_sha256": config_sha256} if config_sha256 else None)
+                          extra={"config_sha256": config_sha256} if config_sha256 else None, workers=encoders)
     return {"record": json.dumps(record), "node": row.get("node", "local")}
+
+
+def _encode_role(spec: RoleSpec, data: np.ndarray, encoders: int) -> dict[str, np.ndarray]:
+    """schema.encode of (n, K, *spec.shape) float32 in ``encoders`` threads, cut by samples (a codec's
+    statistics are per view, so each part encodes to exactly the whole's rows), each part written into
+    the preallocated fields (no second copy of the shard)."""
+    if encoders <= 1 or spec.codec == "fp32":  # fp32 stores the array as it is: nothing to cast
+        return encode(spec, data)
+    lead = data.shape[: data.ndim - len(spec.shape)]
+    out = {f: np.empty((*lead, *shape), dtype) for f, (shape, dtype) in spec.fields().items()}
+
+    def part(s: slice) -> None:
+        for f, a in encode(spec, data[s]).items():
+            out[f][s] = a
+
+    map_ordered(part, slices(len(data), encoders), encoders)
+    return out
 
 
 # --------------------------------------------------------------------------- the driver
 
 
 def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_kw: dict, threads: int | None = None,
-                   render: str | None = None):
+                   render: str | None = None, encoders: int | None = None):
     """The three stages on this machine, overlapped: shards are rendered ahead by `threads` workers
     and encoded and committed in a writer thread while the teacher runs on the next shard. Shards
     reach the teacher and the disk in task order, so the cache is the same as in series (threads=0);
@@ -227,7 +254,12 @@ def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_k
     forward: series 0.24, 4 threads 0.66–0.75, 8 or 14 threads 0.64–0.67, 4/8/14 processes
     0.56/0.61/0.65: rendering no longer bounds it there. The one writer thread does: encoding and
     committing a Swin-L shard (256 views, 116 MB in fp16) takes 1.3 s (zarr) / 0.5 s (webdataset)
-    on a 2-core Xeon, against the H100's 0.53 s forward of it."""
+    on a 2-core Xeon, against the H100's 0.53 s forward of it.
+
+    encoders: threads that encode each shard inside the writer (casts, zstd per view, sha256 per
+    file: pipeline.encoding), default min(4, cores). Commits stay in the one writer thread, in order,
+    and the bytes are the same at any count; at most 2 shards wait for the writer (memory stays flat).
+    The writer's capacity by encoder count: bench/writer.py, bench/results-writer.json."""
     render = render or "threads"
     if render not in ("threads", "processes"):
         raise ValueError(f"render must be 'threads' or 'processes', got {render!r}")
@@ -235,6 +267,7 @@ def local_pipeline(tasks: list[dict], render_kw: dict, teacher_kw: dict, write_k
         return
     forward = TeacherForward(**teacher_kw)
     threads = min(4, os.cpu_count() or 1) if threads is None else threads
+    write_kw = write_kw | {"encoders": min(4, os.cpu_count() or 1) if encoders is None else encoders}
     if threads == 0:
         for t in tasks:
             yield write_shard(forward(render_views(t, **render_kw)), **write_kw)
@@ -306,7 +339,9 @@ def _config(spec: CacheSpec, sha: str | None, refs: list[SampleRef]) -> dict:
             "views": asdict(spec.views), "roles": dict(spec.roles), "samples_per_shard": spec.samples_per_shard,
             "compression_level": spec.compression_level, "batch_size": spec.batch_size,
             "random_init_seed": None if sha or spec.teacher.get("pretrained") else spec.teacher.get("seed", 0),
-            "dataset_listing_sha256": listing}))
+            "dataset_listing_sha256": listing}
+            # Only when not fp32: caches made before precision existed (fp32) keep their configuration.
+            | ({"teacher_precision": p} if (p := spec.teacher.get("precision", "fp32")) != "fp32" else {})))
 
 
 def config_sha256(config: dict) -> str:
@@ -395,6 +430,7 @@ def _manifest_header(spec, info, ckpt, sha, specs, config, listed, classes, data
         "teacher": info.to_dict() | {"checkpoint": ckpt, "checkpoint_sha256": sha,
                                      "pretrained": bool(spec.teacher.get("pretrained", False)),
                                      "seed": config["random_init_seed"],
+                                     "precision": spec.teacher.get("precision", "fp32"),
                                      "kwargs": spec.teacher.get("kwargs", {})},
         "views": spec.views.to_dict() | {"fields": list(VIEW_FIELDS)},
         "dataset": {"spec": spec.dataset, "root": str(data_root), "relative_spec": relative_spec(spec.dataset, data_root),
@@ -432,13 +468,14 @@ def _init_ray(address: str | None):
 
 def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray", progress: bool = True,
                   max_shards: int | None = None, log=print, local_threads: int | None = None,
-                  local_render: str | None = None) -> dict:
+                  local_render: str | None = None, local_encoders: int | None = None) -> dict:
     """Cache the teacher's outputs for every view of every image in ``spec.dataset``; returns the summary.
 
     engine: 'ray' (a local Ray started here, or the cluster at spec.address / $RAY_ADDRESS) or
     'local' (the same stages in this process). max_shards: stop after that many new shards (tests).
     local_threads, local_render: the local engine's render workers (0 = the stages in series) and their
-    kind, 'threads' or 'processes' (see local_pipeline for the defaults).
+    kind, 'threads' or 'processes'; local_encoders: the threads encoding each shard (see local_pipeline for the
+    defaults; Ray's write tasks encode in one thread each, several tasks at once).
 
     The output folder is locked for the whole job (a second job on it is refused) and holds nothing
     but a cache (anything else in it is refused, whatever the flags).
@@ -447,13 +484,18 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
         raise ValueError(f"engine must be 'ray' or 'local', got {engine!r}")
     check_placement(spec.output, spec.dataset)  # before anything is read
     with contextlib.ExitStack() as held:  # the output's lock, once taken, until the job ends
-        return _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render, held)
+        return _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render,
+                              local_encoders, held)
 
 
-def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render,
+def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render, local_encoders,
                    held: contextlib.ExitStack) -> dict:
     t0 = time.perf_counter()
     info = teacher_info_for(spec.teacher)  # an unknown teacher fails here, before any work
+    remote = engine == "ray" and (spec.address or os.environ.get("RAY_ADDRESS"))
+    if not remote or spec.device == "cpu":  # the teacher runs on this machine's devices: check before any output
+        here = "cuda" if torch.cuda.is_available() else "cpu"
+        _check_precision(spec, spec.device if spec.device != "auto" else here)
     ckpt = resolve_checkpoint(spec.teacher)
     sha = file_sha256(ckpt) if ckpt else None
     refs, classes, listing_skipped = list_dataset(spec.dataset)
@@ -502,7 +544,8 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
     started_ray, new_samples, per_node, results = False, 0, {}, None
     try:
         if engine == "local":
-            results = local_pipeline(tasks, render_kw, teacher_kw, write_kw, local_threads, local_render)
+            results = local_pipeline(tasks, render_kw, teacher_kw, write_kw, local_threads, local_render,
+                                     local_encoders)
         else:
             import ray
             from ray.data import ActorPoolStrategy
@@ -510,6 +553,8 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
             started_ray = _init_ray(spec.address)
             render_kw["listing"] = ray.put(refs)
             gpus = 1 if spec.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+            # The cluster's actors' device (an actor's own refusal would be retried by Ray, without end).
+            _check_precision(spec, "cuda" if gpus else "cpu")
             # Nodes that offer CPUs (a head started with --num-cpus=0 runs no work and does not count).
             nodes = max(1, len([n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]))
             cpus_per_node = int(ray.cluster_resources().get("CPU", 1)) // nodes
@@ -562,6 +607,14 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
 
             ray.shutdown()
     return summarize(root, time.perf_counter() - t0, new_samples) | {"shards_per_teacher_node": per_node}
+
+
+def _check_precision(spec: CacheSpec, device: str) -> None:
+    """teacher.precision on the device the teacher will run on (fp16 needs CUDA), as a job-spec error."""
+    try:
+        teacher_precision(device, spec.teacher.get("precision", "fp32"))
+    except ValueError as e:
+        raise ValueError(f"cache.teacher.precision: {e}") from None
 
 
 def _check_labels(refs: list[SampleRef], info: TeacherInfo, dataset: dict) -> None:

@@ -40,6 +40,7 @@ def describe(root: str | Path, energy_views: int = 64) -> dict:
     out = {
         "cache": str(Path(root).resolve()), "format": m["format"], "complete": m["complete"],
         "teacher": t["name"], "checkpoint_sha256": t.get("checkpoint_sha256"), "split_point": t["split_point"],
+        "teacher_precision": t.get("precision", "fp32"),  # caches from before the setting were made in fp32
         "teacher_input": f"{t['input_size'][1]}x{t['input_size'][2]} {t['interpolation']} mean={t['mean']} std={t['std']}",
         "samples": m["num_samples"], "views_per_sample": m["num_views"], "views": views,
         "shards": len(m["shards"]), "shards_expected": m.get("num_shards_expected"), "roles": roles,
@@ -183,6 +184,8 @@ def recompute(root: str | Path, n: int = 4, device: str = "cpu") -> dict:
     """Re-run the teacher on n stored views, replaying their parameters; the largest differences."""
     import torch
 
+    from scalekd.targets import teacher_precision
+
     from .datasets import SampleRef, load_image
     from .views import ViewParams, fingerprint, normalize, render_view
     from .weights import load_teacher
@@ -204,7 +207,7 @@ def recompute(root: str | Path, n: int = 4, device: str = "cpu") -> dict:
         pixels = render_view(load_image(SampleRef.from_sample(s)), ViewParams.from_array(s["views"][v]), size, t["interpolation"])
         if fingerprint(pixels) != s["fingerprints"][v]:
             mismatched.append(f"{s['key']} view {v}")
-        with torch.inference_mode():
+        with torch.inference_mode(), teacher_precision(device, t.get("precision", "fp32")):  # as it was cached
             live = split.targets(normalize(pixels[None], t["mean"], t["std"]).to(device))
         stored = reader.read(i, v)
         for r in reader.specs:
@@ -230,6 +233,8 @@ def check_late(root: str | Path, n: int = 4, checkpoint: str | Path | None = Non
     Returns views checked, max |diff| and max relative L2 per role, and ok (every rel L2 ≤ tolerance)."""
     import torch
 
+    from scalekd.targets import teacher_precision
+
     from .late import build_late
 
     reader = CacheReader(root)
@@ -246,7 +251,7 @@ def check_late(root: str | Path, n: int = 4, checkpoint: str | Path | None = Non
     rel = {r: 0.0 for r in compared}
     for i, v in picked:
         stored = reader.read(i, v, ["mid", *compared])
-        with torch.inference_mode():
+        with torch.inference_mode(), teacher_precision(device, teacher.get("precision", "fp32")):  # as it was cached
             final, logits = late.forward_with_logits(torch.from_numpy(stored["mid"][None]).to(device))
         live = {"final": final, "logits": logits}
         for r in compared:

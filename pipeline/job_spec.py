@@ -53,6 +53,10 @@ class TeacherSpec(TypedDict, total=False):
         "default has no head)")]
     seed: Annotated[Int, _doc(
         "the random weights' seed when there is neither `checkpoint` nor `pretrained` (tests, benchmarks)")]
+    precision: Annotated[Literal["fp32", "bf16", "fp16"], _doc(
+        "the teacher's arithmetic while caching (autocast; outputs stored from float32 either way; fp16 needs "
+        "CUDA). Part of the cache's configuration; the trainer's online mode runs the teacher at the cache's "
+        "precision")]
 
 
 # The keys of the ``dataset:`` mapping (checked, per kind, by pipeline.datasets.list_dataset).
@@ -79,7 +83,8 @@ class CacheSpec:
 
     dataset:  {kind: demo|imagefolder|webdataset, ...} (see pipeline.datasets.list_dataset)
     teacher:  {name, checkpoint (a file, or 'builtin:efficientnet-lite0'), pretrained, late_blocks, kwargs,
-               seed: the random weights' seed when there is neither checkpoint nor pretrained (tests, benchmarks)}
+               seed: the random weights' seed when there is neither checkpoint nor pretrained (tests, benchmarks),
+               precision: fp32 (default) | bf16 | fp16, the teacher's arithmetic (fp16 needs a GPU)}
     views:    K views per image and their sampling (pipeline.views.ViewConfig)
     output:   the cache folder; format: zarr | webdataset; roles: {role: codec}, by default final + logits (the
               distiller's targets). mid (late's input) is opt-in: training never reads it, and it is the largest

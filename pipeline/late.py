@@ -30,9 +30,11 @@ class CacheMismatchError(ValueError):
 
 def check_teacher_matches(cached: dict, wanted: dict, cache_path) -> None:
     """Refuse a cache whose teacher differs from the run's in any value the targets depend on."""
-    for key in ("name", "checkpoint_sha256", "split_point", "late_blocks", "input_size", "mean", "std", "interpolation"):
+    for key in ("name", "checkpoint_sha256", "split_point", "late_blocks", "input_size", "mean", "std", "interpolation",
+                "precision"):
         if key in wanted and wanted[key] is not None:
-            a, b = cached.get(key), wanted[key]
+            # a manifest from before teacher.precision existed was made in fp32
+            a, b = cached.get(key, "fp32" if key == "precision" else None), wanted[key]
             if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
                 raise CacheMismatchError(f"cache {cache_path} was made with teacher {key} = {a!r}, but this run "
                                          f"asks for {key} = {b!r}; make a cache for this teacher or drop the setting")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .encoding import map_ordered
 from .sample_index import INDEX_DIR, write_index
 from .schema import SHARD_META, SHARD_PREFIX, RoleSpec, file_sha256, shard_name, write_json_atomic
 from .stores import store_module
@@ -44,6 +45,13 @@ def _digest(files: dict) -> str:
     return hashlib.sha256(canon).hexdigest()
 
 
+def _sync_and_hash(path: Path) -> dict:
+    """fsync a written file; its size and sha256 (read back from the file: what shard.json vouches for is on disk)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
 def shard_record(meta: dict) -> dict:
     """The manifest's line for a committed shard."""
     return {
@@ -65,11 +73,12 @@ def record_mismatch(meta: dict, record: dict) -> str:
 
 def commit_shard(root: Path, index: int, start: int, end: int, fmt: str, specs: dict[str, RoleSpec],
                  fields: dict[str, np.ndarray], samples: list[dict], skipped: list[dict], num_views: int,
-                 level: int = 3, view_width: int = 5, extra: dict | None = None) -> dict:
+                 level: int = 3, view_width: int = 5, extra: dict | None = None, workers: int = 1) -> dict:
     """Write and atomically commit shard ``index`` (samples [start, end) of the listing); returns its record.
 
     samples: the shard's sample records (see ``sample_index.write_index``), stored as its columnar index.
     extra: more entries for shard.json (the run's config digest, which a lost manifest is rebuilt against).
+    workers: threads compressing views and hashing files (pipeline.encoding); the bytes are the same at any count.
     A shard is committed only with every array of every role present and checksummed."""
     root = Path(root)
     name = shard_name(index)
@@ -80,18 +89,15 @@ def commit_shard(root: Path, index: int, start: int, end: int, fmt: str, specs: 
     try:
         tmp.mkdir(parents=True)
         store = store_module(fmt)
-        store.write_shard(tmp, specs, fields, samples, num_views, level)
+        store.write_shard(tmp, specs, fields, samples, num_views, level, workers=workers)
         write_index(tmp / INDEX_DIR, samples, num_views, view_width)
         missing = store.missing_entries(tmp, specs, samples, num_views)
         if missing:
             raise CacheWriteError(f"refusing to commit {name} under {root}: {tmp.name} lacks {', '.join(missing[:4])}"
                                   f"{' …' if len(missing) > 4 else ''} after writing (did another process remove "
                                   f"or change it?); nothing was committed, run the job again to redo it")
-        files = {}
-        for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-            files[path.relative_to(tmp).as_posix()] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+        files = dict(zip((p.relative_to(tmp).as_posix() for p in paths), map_ordered(_sync_and_hash, paths, workers)))
         meta = {"name": name, "index": index, "start": start, "end": end, "format": fmt, "num_views": num_views,
                 "num_samples": len(samples), "skipped": skipped, "files": files} | (extra or {})
         write_json_atomic(tmp / SHARD_META, meta)

@@ -92,7 +92,12 @@ def build_run(spec: TrainSpec, device: torch.device):
         if teacher.get("checkpoint_sha256") and sha != teacher["checkpoint_sha256"]:
             raise CacheMismatchError(f"teacher checkpoint {teacher['checkpoint']} has sha256 {sha}, but the cache was "
                                      f"made from sha256 {teacher['checkpoint_sha256']}")
-        online, late = OnlineTargets(split), split.late
+        try:  # the cache's precision: online targets are then the cached ones (fp16 needs a GPU)
+            online = OnlineTargets(split, teacher.get("precision", "fp32"))
+        except ValueError as e:
+            raise CacheMismatchError(f"cache {spec.cache} was made at teacher precision {teacher.get('precision')!r}, "
+                                     f"which online targets must match, but {e}") from None
+        late = split.late
     else:
         late = build_late(teacher, device)
     torch.manual_seed(spec.seed)  # the student and CAPs start the same whichever target source was built
@@ -477,7 +482,8 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             images, labels = b["image"].to(device, non_blocking=pin), b["label"].to(device, non_blocking=pin)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            # Targets in fp32 outside autocast, as the cache holds them (the teacher ran in fp32).
+            # Targets in fp32 outside the student's autocast, as the cache holds them (the teacher runs at
+            # the cache's precision inside OnlineTargets).
             if online is not None:
                 targets = online(b["teacher_image"].to(device, non_blocking=pin))
             else:

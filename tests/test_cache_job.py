@@ -823,6 +823,22 @@ def test_overlapped_local_engine_writes_the_same_cache_as_the_stages_in_series(b
     assert shard_sums(out) == shard_sums(base.zarr.root)
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+def test_encoder_threads_write_byte_identical_shards(base, tmp_path, fmt):
+    """Views are cast, compressed and files hashed in several threads (pipeline.encoding); results are
+    gathered in order, so every file is byte for byte the one-thread file, for every codec."""
+    from pipeline.cache_job import run_cache_job
+
+    roles = {"final": "int8dc", "mid": "int8", "logits": "fp16"}
+    sums = {}
+    for encoders in (1, 3):
+        out = tmp_path / f"e{encoders}"
+        run_cache_job(_spec(base, out, fmt=fmt, roles=roles), engine="local", progress=False, log=lambda m: None,
+                      local_encoders=encoders)
+        sums[encoders] = file_sums(out)
+    assert sums[1] and sums[1] == sums[3]
+
+
 def test_local_engine_rendering_in_processes_writes_the_same_cache(base, tmp_path):
     from pipeline.cache_job import run_cache_job
 

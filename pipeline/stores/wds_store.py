@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Zstd
 
+from ..encoding import map_ordered, slices
 from ..schema import RoleSpec
 
 __all__ = ["write_shard", "open_shard", "member_name", "missing_entries", "ENTRIES", "EXTENSION", "field_order",
@@ -69,19 +70,26 @@ def field_order(specs: dict[str, RoleSpec]) -> list[tuple[str, tuple[int, ...], 
 
 
 def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.ndarray], samples: list[dict],
-                num_views: int, level: int = 3) -> None:
+                num_views: int, level: int = 3, workers: int = 1) -> None:
+    """workers: threads compressing the entries (pipeline.encoding); the tars are the same at any count."""
     folder.mkdir(parents=True, exist_ok=True)
     codec = Zstd(level=level, checksum=True)
     order = field_order(specs)
     entries = np.zeros((num_views, len(samples), len(order), 3), np.int64)
-    for view in range(num_views):
+    for view in range(num_views):  # one view's entries compressed at a time: memory holds one tar's worth
+
+        def compress(rows: slice, view: int = view) -> list[bytes]:  # every field of each row, in the tar's order
+            return [bytes(codec.encode(_npy(fields[field][row, view]))) for row in range(len(samples))[rows]
+                    for field, _, _ in order]
+
+        payloads = iter([p for part in map_ordered(compress, slices(len(samples), workers), workers) for p in part])
         with tarfile.open(folder / f"v{view}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for row, s in enumerate(samples):
                 meta = {"key": s["key"], "label": s["label"], "index": s["index"], "view_index": view,
                         "view": s["views"][view], "fingerprint": s["fingerprints"][view]}
                 _add(tar, f"s{s['index']:08d}.json", json.dumps(meta).encode())
                 for j, (field, _, _) in enumerate(order):
-                    payload = bytes(codec.encode(_npy(fields[field][row, view])))
+                    payload = next(payloads)
                     offset = _add(tar, member_name(s["index"], field), payload)
                     entries[view, row, j] = (offset, len(payload), zlib.crc32(payload))
     np.save(folder / ENTRIES, entries, allow_pickle=False)
