@@ -33,7 +33,7 @@ def test_every_key_in_the_reference_has_a_meaning_and_every_field_is_in_it():
     for section, cls in sections.items():
         assert {k.split(".")[-1] for k in described if k.rsplit(".", 1)[0] == section} == set(cls.__pydantic_fields__)
     assert {k.split(".")[-1] for k in described if k.startswith("cache.teacher.")} == {
-        "name", "checkpoint", "pretrained", "late_blocks", "kwargs", "seed"}
+        "name", "checkpoint", "pretrained", "late_blocks", "kwargs", "seed", "precision"}
 
 
 def test_the_documented_dataset_keys_are_the_keys_the_dataset_reader_accepts():
