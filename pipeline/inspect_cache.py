@@ -10,7 +10,7 @@ import numpy as np
 from .reader import CacheReader
 from .sample_index import INDEX_DIR, SampleIndex
 from .schema import MANIFEST, SHARD_META, SHARD_PREFIX, ManifestError, read_manifest
-from .shards import verify_shard
+from .shards import file_problems, verify_shard
 
 __all__ = ["describe", "verify", "recompute", "check_late", "LATE_TOLERANCE", "dct_matrix", "spectrum", "plot_spectrum"]
 
@@ -101,19 +101,9 @@ def verify(root: str | Path) -> dict:
 
 def _check_index(root: Path, m: dict) -> list[str]:
     """The consolidated index/ against the checksums the manifest records (a complete cache has one)."""
-    from .schema import file_sha256
-
     if not m.get("index"):
         return [f"{MANIFEST}: complete, but lists no consolidated {INDEX_DIR}/ (run the job again)"] if m.get("complete") else []
-    problems = []
-    for name, f in m["index"]["files"].items():
-        path = root / INDEX_DIR / name
-        if not path.is_file():
-            problems.append(f"{INDEX_DIR}/{name}: missing")
-        elif path.stat().st_size != f["bytes"]:
-            problems.append(f"{INDEX_DIR}/{name}: {path.stat().st_size} bytes, expected {f['bytes']}")
-        elif file_sha256(path) != f["sha256"]:
-            problems.append(f"{INDEX_DIR}/{name}: checksum mismatch")
+    problems = file_problems(root / INDEX_DIR, m["index"]["files"], INDEX_DIR)
     if m["index"]["samples"] != m["num_samples"]:
         problems.append(f"{INDEX_DIR}: {m['index']['samples']} samples, the manifest declares {m['num_samples']}")
     return problems

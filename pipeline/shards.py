@@ -180,6 +180,21 @@ def remove_temporaries(root: Path) -> list[str]:
     return gone
 
 
+def file_problems(folder: Path, files: dict, label: str) -> list[str]:
+    """Each recorded file ({relative path: {bytes, sha256}}) that is missing, of another size or
+    checksum, named as label/path."""
+    problems = []
+    for rel, f in files.items():
+        path = Path(folder) / rel
+        if not path.is_file():
+            problems.append(f"{label}/{rel}: missing")
+        elif path.stat().st_size != f["bytes"]:
+            problems.append(f"{label}/{rel}: {path.stat().st_size} bytes, expected {f['bytes']}")
+        elif file_sha256(path) != f["sha256"]:
+            problems.append(f"{label}/{rel}: checksum mismatch")
+    return problems
+
+
 def verify_shard(root: Path, record: dict) -> list[str]:
     """Problems with one committed shard against its manifest record (empty when intact)."""
     folder = Path(root) / record["name"]
@@ -189,15 +204,7 @@ def verify_shard(root: Path, record: dict) -> list[str]:
         meta = json.loads((folder / SHARD_META).read_text())
     except json.JSONDecodeError as e:
         return [f"{record['name']}/{SHARD_META}: not valid JSON ({e})"]
-    problems = []
-    for rel, f in meta["files"].items():
-        path = folder / rel
-        if not path.is_file():
-            problems.append(f"{record['name']}/{rel}: missing")
-        elif path.stat().st_size != f["bytes"]:
-            problems.append(f"{record['name']}/{rel}: {path.stat().st_size} bytes, expected {f['bytes']}")
-        elif file_sha256(path) != f["sha256"]:
-            problems.append(f"{record['name']}/{rel}: checksum mismatch")
+    problems = file_problems(folder, meta["files"], record["name"])
     extra = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - set(meta["files"]) - {SHARD_META}
     problems += [f"{record['name']}/{rel}: unexpected file" for rel in sorted(extra)]
     mismatch = record_mismatch(meta, record)

@@ -288,3 +288,21 @@ def test_every_codecs_fields_take_the_fast_zarr_path(tmp_path):
         assert all(f.fd is not None for f in shard._fields.values()), codec
         for name, a in got.items():
             assert np.array_equal(a, zarr.open_array(str(tmp_path / codec / name), mode="r")[1, 1]), (codec, name)
+
+
+def test_verify_names_a_damaged_consolidated_index_and_the_reader_refuses_a_cut_one(world, tmp_path):
+    from pipeline.inspect_cache import verify
+
+    out = tmp_path / "cache"
+    shutil.copytree(world["caches"]["zarr"], out)
+    blob = out / "index" / "key.bin"
+    raw = bytearray(blob.read_bytes())
+    raw[0] ^= 0x01
+    blob.write_bytes(bytes(raw))
+    assert verify(out)["problems"] == ["index/key.bin: checksum mismatch"]
+    blob.write_bytes(bytes(raw[:-3]))
+    assert verify(out)["problems"] == [f"index/key.bin: {len(raw) - 3} bytes, expected {len(raw)}"]
+    with pytest.raises(ManifestError) as e:
+        CacheReader(out)
+    assert str(e.value) == (f"{out}: cannot open the sample index ({out}/index/key.bin is {len(raw) - 3} bytes, "
+                            f"manifest.json records {len(raw)}); run inspect-shards --verify")
