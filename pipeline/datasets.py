@@ -154,12 +154,49 @@ class Listing(Sequence):
         return (self._ref(i) for i in range(self.n))
 
 
+class _Packed:
+    """Strings appended as UTF-8 bytes to one buffer: a list's interface (len, [i]) without the objects."""
+
+    def __init__(self):
+        self.blob, self.ends = bytearray(), array.array("q")
+
+    def append(self, value: str) -> None:
+        self.blob += value.encode()
+        self.ends.append(len(self.blob))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def raw(self, i: int) -> bytes:
+        return bytes(self.blob[self.ends[i - 1] if i else 0 : self.ends[i]])
+
+    def __getitem__(self, i: int) -> str:
+        return self.raw(i).decode()
+
+    def sort_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """(stable order of the strings, the strings as a fixed-width bytes array for comparisons)."""
+        ends = np.frombuffer(self.ends, np.int64)
+        starts = np.concatenate([[0], ends[:-1]])
+        lengths = ends - starts
+        width = max(1, int(lengths.max()))
+        buf = np.frombuffer(bytes(self.blob), np.uint8)
+        fixed = np.zeros((len(ends), width), np.uint8)
+        cols = np.arange(width)
+        for a in range(0, len(ends), 1 << 16):  # in blocks: the index matrix stays small
+            rows = slice(a, a + (1 << 16))
+            mask = cols < lengths[rows, None]
+            fixed[rows][mask] = buf[(starts[rows, None] + cols)[mask]]
+        fixed = fixed.view(f"S{width}").ravel()
+        return np.argsort(fixed, kind="stable"), fixed
+
+
 def _blob(values, order=None) -> tuple[bytes, np.ndarray]:
     """values (in the given order) as one UTF-8 blob and n + 1 offsets, built without a second list."""
     order = range(len(values)) if order is None else order
     blob, offsets = bytearray(), np.zeros(len(order) + 1, np.int64)
+    raw = values.raw if isinstance(values, _Packed) else (lambda i: values[i].encode())
     for j, i in enumerate(order):
-        blob += values[i].encode()
+        blob += raw(i)
         offsets[j + 1] = len(blob)
     return bytes(blob), offsets
 
@@ -282,9 +319,9 @@ def _list_imagefolder(root: Path, split: str | None):
     classes = [d.name for d in class_dirs]
     labels = _class_index(root, classes)
 
-    # Columns, not objects: per sample a key, a file name, its folder's index and a label.
-    keys: list[str] = []
-    names: list[str] = []
+    # Columns, not objects: per sample a key and a file name packed as bytes as they are found (no
+    # million str objects at once), its folder's index and a label.
+    keys, names = _Packed(), _Packed()
     folder_index = array.array("i")
     label_of = array.array("q")
     for f, class_dir in enumerate(class_dirs):
@@ -311,16 +348,18 @@ def _list_imagefolder(root: Path, split: str | None):
             folder_index.append(f)
             label_of.append(label)
 
-    if not keys:
+    if not len(keys):
         found = f"{len(classes)} class folders and no image files" if classes else "no class folders"
         raise DatasetError(f"dataset {top} is empty: expected {pattern} files, found {found}")
-    # By key, as every machine sorts it (a stable sort of the keys' str objects: 8 bytes an index).
-    order = np.argsort(np.array(keys, dtype=object), kind="stable")
-    for a, b in zip(order[:-1], order[1:]):
-        if keys[a] == keys[b]:  # one stem, two extensions (cat.jpg and cat.png)
-            raise DatasetError(f"duplicate sample key {keys[a]!r} in {top}: "
-                               f"{class_dirs[folder_index[a]].path}{os.sep}{names[a]} and "
-                               f"{class_dirs[folder_index[b]].path}{os.sep}{names[b]}")
+    # By key, as every machine sorts it: UTF-8 bytes sort as the strings' code points do.
+    order, fixed = keys.sort_order()
+    same = np.flatnonzero(fixed[order[:-1]] == fixed[order[1:]])
+    if len(same):  # one stem, two extensions (cat.jpg and cat.png)
+        a, b = order[same[0]], order[same[0] + 1]
+        raise DatasetError(f"duplicate sample key {keys[a]!r} in {top}: "
+                           f"{class_dirs[folder_index[a]].path}{os.sep}{names[a]} and "
+                           f"{class_dirs[folder_index[b]].path}{os.sep}{names[b]}")
+    del fixed
     listing = Listing(keys, label_of, [d.path for d in class_dirs], folder_index, names, order=order)
     return listing, classes, skipped
 

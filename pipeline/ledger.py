@@ -124,24 +124,28 @@ def consolidate_index(root: Path, records: dict[int, dict]) -> dict:
     tmp = root / f".tmp-index-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     files = {}
-    for column in ARRAY_COLUMNS:
-        parts = [np.load(root / n / INDEX_DIR / f"{column}.npy", mmap_mode="r") for n in names]
-        first = parts[0]
-        shape = (sum(len(p) for p in parts), *first.shape[1:])
-        files[f"{column}.npy"] = _stream(tmp / f"{column}.npy", parts, header={"descr": np.lib.format.dtype_to_descr(
-            first.dtype), "fortran_order": False, "shape": shape})
-        del parts
+    total = sum(records[i]["samples"] for i in records)
+    for column in ARRAY_COLUMNS:  # one shard's part in memory at a time
+        first = np.load(root / names[0] / INDEX_DIR / f"{column}.npy", mmap_mode="r")
+        header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+                  "shape": (total, *first.shape[1:])}
+        del first
+        parts = (np.load(root / n / INDEX_DIR / f"{column}.npy") for n in names)
+        files[f"{column}.npy"] = _stream(tmp / f"{column}.npy", parts, header=header)
     for column in STRING_COLUMNS:
-        blobs = [root / n / INDEX_DIR / f"{column}.bin" for n in names]
-        files[f"{column}.bin"] = _stream(tmp / f"{column}.bin", (np.fromfile(b, np.uint8) for b in blobs))
-        offsets, base = [np.zeros(1, np.int64)], 0
-        for n in names:  # (n+1,) per shard, rebased: about 16 bytes a sample in memory, briefly
-            off = np.load(root / n / INDEX_DIR / f"{column}_offsets.npy")
-            offsets.append(off[1:] + base)
-            base += int(off[-1])
-        files[f"{column}_offsets.npy"] = _stream(tmp / f"{column}_offsets.npy", [np.concatenate(offsets)],
-                                                 header={"descr": "<i8", "fortran_order": False,
-                                                         "shape": (sum(len(o) for o in offsets),)})
+        blobs = (np.fromfile(root / n / INDEX_DIR / f"{column}.bin", np.uint8) for n in names)
+        files[f"{column}.bin"] = _stream(tmp / f"{column}.bin", blobs)
+
+        def rebased(column=column):  # each shard's (n+1,) offsets past its first, shifted by the bytes before it
+            yield np.zeros(1, np.int64)
+            base = 0
+            for n in names:
+                off = np.load(root / n / INDEX_DIR / f"{column}_offsets.npy")
+                yield off[1:] + base
+                base += int(off[-1])
+
+        files[f"{column}_offsets.npy"] = _stream(tmp / f"{column}_offsets.npy", rebased(),
+                                                 header={"descr": "<i8", "fortran_order": False, "shape": (total + 1,)})
     for path in tmp.iterdir():
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
