@@ -21,7 +21,7 @@ import numpy as np
 
 from .sample_index import ARRAY_COLUMNS, COLUMNS_DOC, INDEX_DIR, STRING_COLUMNS
 from .schema import MANIFEST, write_json_atomic
-from .shards import committed_shards, shard_record
+from .shards import CacheWriteError, committed_shards, shard_record
 
 __all__ = ["Ledger", "consolidate_index", "LAYOUT", "package_versions", "SAVE_EVERY", "SAVE_SECONDS"]
 
@@ -150,8 +150,16 @@ def consolidate_index(root: Path, records: dict[int, dict]) -> dict:
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
     final = root / INDEX_DIR
-    if final.exists():  # a consolidation the manifest never recorded (a kill in between): ours, redone
-        shutil.rmtree(final)
+    if final.exists():  # a consolidation the manifest never recorded (a kill in between): redone
+        from .output_guard import is_cache_entry
+
+        if not is_cache_entry(final):  # never remove what this project did not write
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CacheWriteError(f"{final} holds files that are not a sample index ({sorted(p.name for p in final.iterdir())[:3]}"
+                                  f"…); move them away and run the job again")
+        for column in final.iterdir():
+            column.unlink()
+        final.rmdir()
     os.rename(tmp, final)
     return {"samples": sum(r["samples"] for r in records.values()), "files": files,
             "columns": COLUMNS_DOC}

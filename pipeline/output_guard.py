@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from .sample_index import INDEX_DIR
+from .sample_index import INDEX_DIR, index_files
 from .schema import MANIFEST
 
 __all__ = ["CacheConfigError", "OutputBusyError", "OutputLock", "LOCK", "is_cache_entry", "foreign_entries",
@@ -95,8 +95,10 @@ def is_cache_entry(path: Path) -> bool:
     name = path.name
     if name in (MANIFEST, "zarr.json", LOCK, ".write-test"):
         return True
-    if _SHARD.match(name) or name == INDEX_DIR:  # shard folders, the consolidated sample index
+    if _SHARD.match(name):
         return path.is_dir()
+    if name == INDEX_DIR:  # the consolidated sample index: a folder holding nothing but its columns
+        return path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= set(index_files())
     # half-written shards (.tmp-shard-*), a manifest caught mid-write (.manifest.json.tmp-PID)
     return name.startswith(".tmp-") or (name.startswith(".") and ".tmp-" in name)
 

@@ -306,3 +306,23 @@ def test_verify_names_a_damaged_consolidated_index_and_the_reader_refuses_a_cut_
         CacheReader(out)
     assert str(e.value) == (f"{out}: cannot open the sample index ({out}/index/key.bin is {len(raw) - 3} bytes, "
                             f"manifest.json records {len(raw)}); run inspect-shards --verify")
+
+
+def test_an_index_folder_that_is_not_a_sample_index_is_never_removed(world, tmp_path):
+    """`index/` belongs to a cache only while it holds nothing but the index's columns: a user's folder
+    of that name refuses the job (nothing removed); the cache's own, unrecorded one is redone."""
+    from pipeline.cache_job import CacheConfigError
+
+    out = tmp_path / "cache"
+    shutil.copytree(world["caches"]["zarr"], out)
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(m | {"index": None}))  # as if killed before recording it
+    spec = make_spec(world["data"], out, world["ckpt"], fmt="zarr", roles=FP32, samples_per_shard=2, per_image=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCALEKD_WORK", str(world["root"] / "work"))
+        assert run(spec)["complete"] is True
+        assert json.loads((out / "manifest.json").read_text())["index"]["samples"] == 9
+        (out / "index" / "notes.txt").write_text("mine")
+        with pytest.raises(CacheConfigError, match="holds 'index'"):
+            run(spec, overwrite=True)
+    assert (out / "index" / "notes.txt").read_text() == "mine"
