@@ -39,6 +39,24 @@ def readable(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+EXPORT_FILES = ("config.json", "model.safetensors")  # what save_for_hf writes here (safetensors on)
+
+
+def remove_export(folder: Path) -> bool:
+    """Remove an earlier export's own files and, if nothing else is there, the folder; True when gone.
+    Anything else in it is the user's and is kept."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    for name in EXPORT_FILES:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True
+
+
 def export_timm_folder(model: nn.Module, folder: str | Path, input_size=None) -> dict:
     """Write ``model`` (a timm classifier) as a timm model folder; returns {folder, architecture, plain_timm}.
 
@@ -67,7 +85,9 @@ def export_timm_folder(model: nn.Module, folder: str | Path, input_size=None) ->
                 data_config=data_config)
     for f in tmp.iterdir():
         readable(f)
-    if folder.exists():
-        shutil.rmtree(folder)
+    if folder.exists() and not remove_export(folder):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileExistsError(f"{folder} holds files this export did not write "
+                              f"({sorted(p.name for p in folder.iterdir())[:3]}); move them away and export again")
     os.replace(tmp, folder)
     return {"folder": str(folder), "architecture": arch, "plain_timm": plain}

@@ -355,10 +355,9 @@ def _claim_run_folder(out: Path, spec: TrainSpec, resume: bool, overwrite: bool,
         for name in RUN_FILES:
             path = out / name
             if path.is_dir() and not path.is_symlink():  # the exported student folder: only what export writes
-                for own in ("config.json", "model.safetensors"):
-                    (path / own).unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    path.rmdir()  # kept (with what else it holds) unless now empty
+                from .export import remove_export
+
+                remove_export(path)
             else:
                 path.unlink(missing_ok=True)
         log(f"--overwrite: removed the earlier run's {', '.join(present)} from {out}")

@@ -117,10 +117,19 @@ def test_a_mixer_b14_student_is_exported_under_its_own_name_and_says_plain_timm_
         torch.testing.assert_close(back(x), taps.model(x), rtol=0, atol=0)
 
 
-def test_re_exporting_replaces_the_folder_whole(tmp_path):
-    taps = create_student("test_resnet", num_classes=3)
-    (tmp_path / "student").mkdir()
-    (tmp_path / "student" / "stale.bin").write_bytes(b"old")
-    export_timm_folder(taps.model, tmp_path / "student")
-    assert sorted(p.name for p in (tmp_path / "student").iterdir()) == ["config.json", "model.safetensors"]
+def test_an_export_never_removes_files_it_did_not_write(tmp_path):
+    """A student folder holding a user's file is refused, the file kept; an earlier export is replaced."""
+    import timm
+
+    from pipeline.export import export_timm_folder
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    folder = tmp_path / "student"
+    export_timm_folder(model, folder)
+    export_timm_folder(model, folder)  # its own earlier export: replaced
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds files this export did not write"):
+        export_timm_folder(model, folder)
+    assert (folder / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "student.tmp").exists()
