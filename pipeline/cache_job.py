@@ -42,7 +42,7 @@ from .output_guard import CacheConfigError, OutputLock, check_placement, refuse_
 from .sample_index import COLUMNS_DOC
 from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, encode, shard_name
 from .shards import CacheWriteError, commit_shard, committed_shards, damaged_shards, discard_shard, remove_temporaries
-from .views import VIEW_FIELDS, fingerprint, render_view, sample_views
+from .views import ViewParams, fingerprint, render_view, sample_views, view_fields
 from .weights import export_demo_teacher, file_sha256, load_teacher
 
 __all__ = ["run_cache_job", "CacheConfigError", "resolve_checkpoint", "teacher_info_for", "render_views",
@@ -101,7 +101,8 @@ def render_views(task: dict, views, input_size: tuple[int, int], interpolation: 
     (n·K, H, W, 3) uint8, samples and skipped (JSON). A sample's source is recorded relative to
     data_root (the dataset's root), so a copied cache replays from wherever the dataset is copied to.
     """
-    samples, skipped, pixels = [], [], []
+    samples, skipped, pixels, erase = [], [], [], []
+    fields = view_fields(views)
     for ref in _task_refs(task, listing):
         try:
             image = load_image(ref)
@@ -109,17 +110,21 @@ def render_views(task: dict, views, input_size: tuple[int, int], interpolation: 
             where = {"member": ref.member} if ref.member is not None else {}  # which entry of a tar
             skipped.append({"key": ref.key, "source": ref.source, **where, "reason": str(e)})
             continue
-        params = sample_views(ref.key, image.size, views)
-        rendered = [render_view(image, v, input_size, interpolation) for v in params]
+        params = sample_views(ref.key, image.size, views, input_size)
+        rendered = [render_view(image, v, input_size, interpolation, views.rand_augment) for v in params]
         pixels.extend(rendered)
+        erase.extend([v.erase_seed, [list(b) for b in v.erase]] for v in params)
         samples.append({"index": ref.index, "key": ref.key, "label": ref.label, "member": ref.member, "span": ref.span,
                         "source": Path(os.path.relpath(ref.source, data_root)).as_posix(),
-                        "views": [v.as_array().tolist() for v in params],
-                        "fingerprints": [fingerprint(p) for p in rendered]})
+                        "views": [v.as_array(fields).tolist() for v in params],
+                        "fingerprints": [fingerprint(p, v) for p, v in zip(rendered, params)]})
     h, w = input_size
-    return {"shard": task["shard"], "start": task["start"], "end": task["end"],
-            "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8),
-            "samples": json.dumps(samples), "skipped": json.dumps(skipped)}
+    row = {"shard": task["shard"], "start": task["start"], "end": task["end"],
+           "pixels": np.stack(pixels) if pixels else np.zeros((0, h, w, 3), np.uint8),
+           "samples": json.dumps(samples), "skipped": json.dumps(skipped)}
+    if views.erasing:  # applied by the teacher's forward after normalisation: (seed, boxes) per pixel row
+        row["erase"] = json.dumps({"mode": views.erasing_mode, "views": erase})
+    return row
 
 
 _LISTINGS: dict = {}  # a Ray worker's copy of the driver's listing, fetched once
@@ -169,12 +174,18 @@ class TeacherForward:
 
     @torch.inference_mode()
     def __call__(self, row: dict) -> dict:
+        from .augment import apply_erasing
         from .views import normalize
 
         pixels = row.pop("pixels")
+        erase = json.loads(row.pop("erase")) if "erase" in row else None
         outs: dict[str, list[np.ndarray]] = {r: [] for r in self.roles}
         for i in range(0, len(pixels), self.batch_size):
-            x = normalize(pixels[i : i + self.batch_size], self.mean, self.std).to(self.device)
+            x = normalize(pixels[i : i + self.batch_size], self.mean, self.std)
+            if erase:  # random erasing after normalisation, each view's boxes filled from its seed
+                x = torch.stack([apply_erasing(xj, boxes, seed, erase["mode"])
+                                 for xj, (seed, boxes) in zip(x, erase["views"][i : i + len(x)])])
+            x = x.to(self.device)
             with teacher_precision(self.device, self.precision):
                 out = self.split.targets(x)
             for r in self.roles:
@@ -203,11 +214,12 @@ def _node_id() -> str:
 
 
 def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int,
-                config_sha256: str | None = None, encoders: int = 1) -> dict:
+                config_sha256: str | None = None, encoders: int = 1, view_width: int = 5) -> dict:
     """Encode a shard's teacher outputs and commit it; returns {'record': JSON of the shard's record,
     'node': the node whose teacher computed it}. config_sha256: the run's config digest, kept in
     shard.json (a lost manifest is rebuilt only from shards of the same configuration). encoders:
-    threads casting, compressing and hashing the shard (pipeline.encoding); the same bytes at any count."""
+    threads casting, compressing and hashing the shard (pipeline.encoding); the same bytes at any count.
+    view_width: the columns of a view row (``views.view_fields``)."""
     specs = {k: RoleSpec.from_dict(v) if isinstance(v, dict) else v for k, v in specs.items()}
     samples = json.loads(row["samples"])
     fields: dict[str, np.ndarray] = {}
@@ -217,7 +229,7 @@ def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, lev
             data = np.zeros((0, num_views, *spec.shape), np.float32)
         fields.update(_encode_role(spec, data, encoders))
     record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
-                          samples, json.loads(row["skipped"]), num_views, level, view_width=len(VIEW_FIELDS),
+                          samples, json.loads(row["skipped"]), num_views, level, view_width=view_width,
                           extra={"config_sha256": config_sha256} if config_sha256 else None, workers=encoders)
     return {"record": json.dumps(record), "node": row.get("node", "local")}
 
@@ -336,7 +348,7 @@ def _config(spec: CacheSpec, sha: str | None, refs: list[SampleRef]) -> dict:
     return json.loads(json.dumps({"schema_version": SCHEMA_VERSION, "format": spec.format, "teacher": spec.teacher["name"],
             "checkpoint_sha256": sha,
             "late_blocks": spec.teacher.get("late_blocks", 2), "teacher_kwargs": spec.teacher.get("kwargs", {}),
-            "views": asdict(spec.views), "roles": dict(spec.roles), "samples_per_shard": spec.samples_per_shard,
+            "views": {k: v for k, v in spec.views.to_dict().items() if k != "convention"}, "roles": dict(spec.roles), "samples_per_shard": spec.samples_per_shard,
             "compression_level": spec.compression_level, "batch_size": spec.batch_size,
             "random_init_seed": None if sha or spec.teacher.get("pretrained") else spec.teacher.get("seed", 0),
             "dataset_listing_sha256": listing}
@@ -432,7 +444,7 @@ def _manifest_header(spec, info, ckpt, sha, specs, config, listed, classes, data
                                      "seed": config["random_init_seed"],
                                      "precision": spec.teacher.get("precision", "fp32"),
                                      "kwargs": spec.teacher.get("kwargs", {})},
-        "views": spec.views.to_dict() | {"fields": list(VIEW_FIELDS)},
+        "views": spec.views.to_dict() | {"fields": list(view_fields(spec.views))},
         "dataset": {"spec": spec.dataset, "root": str(data_root), "relative_spec": relative_spec(spec.dataset, data_root),
                     "listed": listed, "classes": classes},
         "roles": {name: s.to_dict() | {"compressor": f"zstd(level={spec.compression_level}, checksum)"
@@ -535,7 +547,8 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
     teacher_kw = dict(teacher=spec.teacher, checkpoint=ckpt, roles=list(specs), batch_size=spec.batch_size,
                       device=spec.device)
     write_kw = dict(root=str(root), fmt=spec.format, specs={k: v.to_dict() for k, v in specs.items()},
-                    num_views=spec.views.per_image, level=spec.compression_level, config_sha256=config_sha256(config))
+                    num_views=spec.views.per_image, level=spec.compression_level, config_sha256=config_sha256(config),
+                    view_width=len(view_fields(spec.views)))
 
     from tqdm import tqdm
 

@@ -269,6 +269,33 @@ def _print_report(report: dict) -> None:
         typer.echo(f"{'spectrum plot':>26}: {checks['plot']}")
 
 
+def _cache_first(job: Path, spec) -> None:
+    """distill --cache-first: make (or finish) the job's own cache before training from it."""
+    from .cache_job import CacheConfigError, run_cache_job
+    from .datasets import DatasetError
+    from .job_spec import load_cache_spec
+    from .schema import MANIFEST
+    from .shards import CacheWriteError
+
+    try:
+        cache_spec = load_cache_spec(job)
+    except (ValueError, FileNotFoundError) as e:
+        _usage_error(e)
+    if Path(cache_spec.output).resolve() != Path(spec.cache).resolve():
+        _usage_error(ValueError(f"--cache-first: {job}'s cache section writes {cache_spec.output}, but its distill "
+                                f"section trains from {spec.cache}"))
+    try:
+        done = json.loads((Path(spec.cache) / MANIFEST).read_text()).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        done = False
+    if done:
+        return
+    try:
+        run_cache_job(cache_spec, engine="local", log=lambda m: typer.echo(m, err=True))
+    except (ValueError, FileNotFoundError, DatasetError, CacheConfigError, CacheWriteError, FloatingPointError) as e:
+        _runtime_error(e)
+
+
 @app.command("distill")
 def distill(
     job: Path = typer.Argument(Path("jobs/demo.yaml"), help="job spec (YAML); its `distill:` section is used"),
@@ -294,6 +321,8 @@ def distill(
     teacher_checkpoint: Optional[Path] = typer.Option(None, help="where the teacher checkpoint is now (a copied "
                                                       "cache); its sha256 is checked against the cache's"),
     as_json: bool = typer.Option(False, "--json", help="print where the files are and the last epoch's metrics as JSON"),
+    cache_first: bool = typer.Option(False, help="first run the job's `cache:` section (local engine) when its cache "
+                                                 "is missing or unfinished; nothing is redone when it is complete"),
 ):
     """Train a student from a teacher cache, running only the teacher's late part online (for TPP).
 
@@ -318,6 +347,8 @@ def distill(
                                teacher_checkpoint=str(teacher_checkpoint) if teacher_checkpoint else None)
     except (ValueError, FileNotFoundError) as e:
         _usage_error(e)
+    if cache_first:
+        _cache_first(job, spec)
     try:
         result = train(spec, resume=resume, overwrite=overwrite, log=lambda m: typer.echo(m, err=True))
     except (ValueError, FileNotFoundError, CacheMismatchError, ManifestError, BadImage, ReplayError,

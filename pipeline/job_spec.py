@@ -408,8 +408,10 @@ _INTRO = {
                      "`split`; `webdataset`: `kind`, `urls`); a misspelt key is refused. `distill.val` takes the "
                      "same mapping.",
     "cache.teacher": "The teacher. One of `checkpoint`, `pretrained` or (random weights) `seed`.",
-    "cache.views": "RandomResizedCrop + horizontal flip, as torchvision samples them, sampled once per (image, "
-                   "view) and stored in the cache; teacher and student replay the same box.",
+    "cache.views": "The views' operations, in order: RandomResizedCrop, horizontal flip, RandAugment, colour "
+                   "jitter, and random erasing after normalisation. Every random outcome is drawn once per (image, "
+                   "view) from a generator seeded by the image's key and stored in the cache; teacher and student "
+                   "replay the same operations, each at its own input size (pipeline/augment.py).",
     "distill": "What `scalekd-pipeline distill JOB.yaml` (`make distill`) reads: the `distill:` section of a job "
                "YAML. Keys left null take the recipe's value.",
 }

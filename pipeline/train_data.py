@@ -3,7 +3,8 @@
 For epoch e every image uses its view e mod K (so an epoch reads only that view of the cache,
 and in the webdataset store only the v{e mod K}.tar files). The student sees the stored crop box
 and flip replayed on the original image at the student's own input size, interpolation and
-normalisation; the targets are that view's stored teacher outputs. With ``targets="online"`` the
+normalisation (RandAugment, jitter and erasing replayed from their stored parameters); the targets
+are that view's stored teacher outputs. With ``targets="online"`` the
 item carries the teacher's own rendering of the view instead, for the live teacher.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from .datasets import BadImage, SampleRef, load_image
 from .reader import CacheReader
 from .schema import ManifestError
-from .views import ViewParams, fingerprint, normalize, render_view
+from .views import VIEW_FIELDS, ViewConfig, ViewParams, fingerprint, model_input, render_view
 
 __all__ = ["ModelInput", "ViewDataset", "ReplayError", "collate_skipping", "EpochOrder"]
 
@@ -48,6 +49,9 @@ class ViewDataset(Dataset):
         self.reader, self.student, self.teacher = reader, student, teacher
         self.targets, self.verify, self.on_corrupt = targets, verify_fingerprints, on_corrupt
         self.epoch = 0
+        # the cache's view columns and augmentations, replayed for the student (and the live teacher)
+        self.views = ViewConfig.from_manifest(reader.manifest["views"])
+        self.fields = tuple(reader.manifest["views"].get("fields") or VIEW_FIELDS)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -66,18 +70,19 @@ class ViewDataset(Dataset):
         view = self.view_of(epoch)
         try:
             image = load_image(SampleRef.from_sample(s))
-            params = ViewParams.from_array(s["views"][view])
-            st = self.student
-            item = {"image": normalize(render_view(image, params, st.size, st.interpolation), st.mean, st.std),
+            params = ViewParams.from_array(s["views"][view], self.fields)
+            st, ra, mode = self.student, self.views.rand_augment, self.views.erasing_mode
+            item = {"image": model_input(render_view(image, params, st.size, st.interpolation, ra), params, st.mean,
+                                         st.std, mode),
                     "label": torch.tensor(s["label"]), "index": torch.tensor(i), "view": torch.tensor(view)}
             if self.verify or self.targets == "online":
                 t = self.teacher
-                pixels = render_view(image, params, t.size, t.interpolation)
-                if self.verify and fingerprint(pixels) != s["fingerprints"][view]:
+                pixels = render_view(image, params, t.size, t.interpolation, ra)
+                if self.verify and fingerprint(pixels, params) != s["fingerprints"][view]:
                     raise ReplayError(f"sample {s['key']!r} view {view}: the replayed teacher input does not match "
                                       f"the fingerprint stored in {s['shard']} (the image changed since caching?)")
                 if self.targets == "online":
-                    item["teacher_image"] = normalize(pixels, t.mean, t.std)
+                    item["teacher_image"] = model_input(pixels, params, t.mean, t.std, mode)
             if self.targets == "cache":
                 stored = self.reader.read(i, view, ["final", "logits"])
                 item["final"] = torch.from_numpy(stored["final"])

@@ -1,17 +1,27 @@
 """Replayable augmented views.
 
-A view is a crop box as fractions of the original image (top, left, height, width) and a
-horizontal-flip flag, sampled once per (image, view) from a seeded RNG and stored in the cache.
-Teacher and student replay the same box on the original image, each at its own input size,
-interpolation and normalisation; a flipped view is rendered from flipped pixels (features are
-never flipped after the fact).
+A view is an ordered list of operations with their sampled parameters, drawn once per (image,
+view) from a generator seeded by the image's key and stored in the cache as one fixed-width row
+whose columns the manifest names (``views.fields``):
+
+1. RandomResizedCrop: the crop box as fractions of the original image (top, left, height, width),
+   resized to the model's input size with the model's interpolation;
+2. horizontal flip (rendered from flipped pixels; features are never flipped after the fact);
+3. RandAugment (``views.rand_augment``, a timm string): per slot the op, its magnitude, its sign and
+   whether it was applied (pipeline/augment.py);
+4. colour jitter (``views.color_jitter``): the order and the four factors;
+5. random erasing (``views.erasing``, after normalisation): boxes as fractions of the input, and a
+   seed for their fill.
+
+Teacher and student replay the same row on the original image, each at its own input size,
+interpolation and normalisation (pipeline/augment.py says what each op means at another size).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Annotated
+from typing import Annotated, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -19,29 +29,59 @@ from PIL import Image
 from pydantic import ConfigDict, Field, Strict
 from pydantic.dataclasses import dataclass as checked_dataclass
 
-__all__ = ["ViewParams", "ViewConfig", "sample_views", "render_view", "normalize", "fingerprint", "VIEW_FIELDS"]
+from . import augment
+
+__all__ = ["ViewParams", "ViewConfig", "sample_views", "render_view", "model_input", "normalize", "fingerprint",
+           "VIEW_FIELDS", "view_fields"]
 
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
+_JITTER_FIELDS = tuple(f"jitter_order{i}" for i in range(4)) + (
+    "jitter_brightness", "jitter_contrast", "jitter_saturation", "jitter_hue")
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
 @dataclass(frozen=True)
 class ViewParams:
-    """One view: the crop box in fractions of the original image, and the flip flag."""
+    """One view: the crop box in fractions of the original image, the flip flag, and the sampled
+    RandAugment slots, colour jitter and erasing boxes (fractions of the model's input) with their seed."""
 
     top: float
     left: float
     height: float
     width: float
     flip: bool
+    ops: tuple = ()
+    jitter: Optional[tuple] = None
+    erase: tuple = ()
+    erase_seed: int = 0
 
-    def as_array(self) -> np.ndarray:
-        return np.array([self.top, self.left, self.height, self.width, float(self.flip)], dtype=np.float64)
+    def as_array(self, fields=VIEW_FIELDS) -> np.ndarray:
+        """The row of the cache's view array with these columns (``view_fields(config)``)."""
+        v = {"top": self.top, "left": self.left, "height": self.height, "width": self.width, "flip": float(self.flip),
+             "erase_seed": float(self.erase_seed), "erase_count": float(len(self.erase))}
+        for i, op in enumerate(self.ops):
+            v |= {f"ra{i}_op": op.op, f"ra{i}_magnitude": op.magnitude, f"ra{i}_sign": op.sign,
+                  f"ra{i}_applied": float(op.applied)}
+        if self.jitter is not None:
+            v |= dict(zip(_JITTER_FIELDS, self.jitter))
+        for j, box in enumerate(self.erase):
+            v |= dict(zip((f"erase{j}_top", f"erase{j}_left", f"erase{j}_height", f"erase{j}_width"), box))
+        return np.array([float(v.get(f, 0.0)) for f in fields], dtype=np.float64)
 
     @classmethod
-    def from_array(cls, a) -> "ViewParams":
+    def from_array(cls, a, fields=VIEW_FIELDS) -> "ViewParams":
         a = np.asarray(a, dtype=np.float64)
-        return cls(float(a[0]), float(a[1]), float(a[2]), float(a[3]), bool(a[4] >= 0.5))
+        v = dict(zip(fields, map(float, a)))
+        ops = []
+        while f"ra{len(ops)}_op" in v:
+            i = len(ops)
+            ops.append(augment.RandOp(int(v[f"ra{i}_op"]), v[f"ra{i}_magnitude"], int(v[f"ra{i}_sign"]),
+                                      v[f"ra{i}_applied"] >= 0.5))
+        jitter = tuple(v[f] for f in _JITTER_FIELDS) if _JITTER_FIELDS[0] in v else None
+        erase = tuple(tuple(v[f"erase{j}_{c}"] for c in ("top", "left", "height", "width"))
+                      for j in range(int(v.get("erase_count", 0))))
+        return cls(v["top"], v["left"], v["height"], v["width"], v["flip"] >= 0.5, tuple(ops), jitter, erase,
+                   int(v.get("erase_seed", 0)))
 
 
 @checked_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -62,16 +102,73 @@ class ViewConfig:
         description="RandomResizedCrop's aspect-ratio range [lo, hi], 0 < lo <= hi")] = (3 / 4, 4 / 3)
     flip: Annotated[float, Strict(), Field(ge=0, le=1), Field(
         description="probability of a horizontal flip (rendered from flipped pixels, never a flipped feature)")] = 0.5
+    rand_augment: Annotated[Optional[str], Field(
+        description="RandAugment as a timm string, e.g. `rand-m9-mstd0.5-inc1` (a fractional magnitude such as "
+                    "`m8.75` is accepted); null: none. Each slot's op, magnitude, sign and outcome are stored")] = None
+    color_jitter: Annotated[Optional[Union[Annotated[float, Strict(), Field(ge=0)], tuple[float, float, float],
+                                            tuple[float, float, float, float]]], Field(
+        description="colour jitter strength as timm's `color_jitter` (s → brightness, contrast, saturation s; or "
+                    "[b, c, s] / [b, c, s, hue]); null: none. The order and factors are stored")] = None
+    erasing: Annotated[float, Strict(), Field(ge=0, le=1), Field(
+        description="random-erasing probability (timm's `re_prob`; applied after normalisation); 0: none")] = 0.0
+    erasing_mode: Annotated[Literal["pixel", "rand", "const"], Field(
+        description="erasing fill: `pixel` N(0, 1) per pixel, `rand` per channel, `const` 0 (timm's `re_mode`)")] = "pixel"
+    erasing_count: Annotated[int, Strict(), Field(ge=1, le=8), Field(
+        description="at most this many boxes per view (timm's `re_count`; 1 to n drawn when above 1)")] = 1
+    erasing_area: Annotated[tuple[Annotated[float, Strict()], Annotated[float, Strict()]], Field(
+        description="an erasing box's area range as fractions of the input")] = (0.02, 1 / 3)
+    erasing_ratio: Annotated[tuple[Annotated[float, Strict()], Annotated[float, Strict()]], Field(
+        description="an erasing box's aspect-ratio range")] = (0.3, 1 / 0.3)
 
     def __post_init__(self):
         if not (0 < self.scale[0] <= self.scale[1] <= 1):
             raise ValueError(f"views.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
         if not (0 < self.ratio[0] <= self.ratio[1]):
             raise ValueError(f"views.ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        if self.rand_augment is not None:
+            augment.rand_augment_table(self.rand_augment)  # refused here, by name, if timm cannot parse it
+        if not (0 < self.erasing_area[0] <= self.erasing_area[1] < 1) or not (0 < self.erasing_ratio[0] <= self.erasing_ratio[1]):
+            raise ValueError(f"views.erasing_area must satisfy 0 < lo <= hi < 1 and views.erasing_ratio 0 < lo <= hi, "
+                             f"got {self.erasing_area} and {self.erasing_ratio}")
+
+    _AUGMENTS = ("rand_augment", "color_jitter", "erasing", "erasing_mode", "erasing_count", "erasing_area",
+                 "erasing_ratio")
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"convention": "crop box (top, left, height, width) as fractions of the original "
-                                             "image, then resize to the model's input size, then horizontal flip"}
+        # The augmentations appear only when on, so a crop-and-flip cache's manifest is what it always was.
+        d = asdict(self)
+        if not self.rand_augment:
+            d.pop("rand_augment")
+        if not self.color_jitter:
+            d.pop("color_jitter")
+        if not self.erasing:
+            for k in self._AUGMENTS[2:]:
+                d.pop(k)
+        return d | {"convention": "crop box (top, left, height, width) as fractions of the original image, resize "
+                                  "to the model's input size, horizontal flip, RandAugment, colour jitter; after "
+                                  "normalisation random erasing (pipeline/views.py, pipeline/augment.py)"}
+
+    @classmethod
+    def from_manifest(cls, views: dict) -> "ViewConfig":
+        """The configuration a cache's manifest records (``views``)."""
+        known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in views.items()
+                 if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def view_fields(cfg: ViewConfig) -> tuple[str, ...]:
+    """The columns of a view row for this configuration (the manifest's ``views.fields``)."""
+    fields = list(VIEW_FIELDS)
+    if cfg.rand_augment:
+        for i in range(augment.rand_augment_table(cfg.rand_augment).num_layers):
+            fields += [f"ra{i}_op", f"ra{i}_magnitude", f"ra{i}_sign", f"ra{i}_applied"]
+    if cfg.color_jitter:
+        fields += _JITTER_FIELDS
+    if cfg.erasing:
+        fields += ["erase_seed", "erase_count"]
+        for j in range(cfg.erasing_count):
+            fields += [f"erase{j}_{c}" for c in ("top", "left", "height", "width")]
+    return tuple(fields)
 
 
 def _rng(seed: int, key: str) -> np.random.Generator:
@@ -80,9 +177,12 @@ def _rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, digest])
 
 
-def sample_views(key: str, image_size: tuple[int, int], cfg: ViewConfig) -> list[ViewParams]:
-    """K views of one image. image_size: (width, height) of the original."""
+def sample_views(key: str, image_size: tuple[int, int], cfg: ViewConfig,
+                 input_size: tuple[int, int] = (224, 224)) -> list[ViewParams]:
+    """K views of one image. image_size: (width, height) of the original; input_size: the teacher's
+    (H, W), the pixel grid erasing boxes are drawn on."""
     width, height = image_size
+    table = augment.rand_augment_table(cfg.rand_augment) if cfg.rand_augment else None
     rng = _rng(cfg.seed, key)
     area = width * height
     log_ratio = (math.log(cfg.ratio[0]), math.log(cfg.ratio[1]))
@@ -107,12 +207,19 @@ def sample_views(key: str, image_size: tuple[int, int], cfg: ViewConfig) -> list
                 w, h = width, height
             top, left = (height - h) // 2, (width - w) // 2
         flip = bool(rng.random() < cfg.flip)
-        views.append(ViewParams(top / height, left / width, h / height, w / width, flip))
+        # Each op draws only when it is on, so a crop-and-flip view is what it always was.
+        ops = augment.sample_rand_augment(rng, table) if table else ()
+        jitter = augment.sample_color_jitter(rng, cfg.color_jitter) if cfg.color_jitter else None
+        seed, erase = (augment.sample_erasing(rng, input_size, cfg.erasing, cfg.erasing_area, cfg.erasing_ratio,
+                                              cfg.erasing_count) if cfg.erasing else (0, ()))
+        views.append(ViewParams(top / height, left / width, h / height, w / width, flip, ops, jitter, erase, seed))
     return views
 
 
-def render_view(image: Image.Image, view: ViewParams, size: tuple[int, int], interpolation: str = "bicubic") -> np.ndarray:
-    """The view's pixels at a model's input size: (H, W, 3) uint8. size: (H, W)."""
+def render_view(image: Image.Image, view: ViewParams, size: tuple[int, int], interpolation: str = "bicubic",
+                rand_augment: str | None = None) -> np.ndarray:
+    """The view's pixels at a model's input size, before erasing: (H, W, 3) uint8. size: (H, W);
+    rand_augment: the cache's ``views.rand_augment`` string, needed when the view has RandAugment slots."""
     try:
         resample = _RESAMPLE[interpolation]
     except KeyError:
@@ -122,7 +229,19 @@ def render_view(image: Image.Image, view: ViewParams, size: tuple[int, int], int
     out = image.resize((size[1], size[0]), resample=resample, box=box)
     if view.flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
+    if view.ops:
+        if not rand_augment:
+            raise ValueError("this view has RandAugment slots but no views.rand_augment string was given to replay them")
+        out = augment.apply_rand_augment(out, view.ops, augment.rand_augment_table(rand_augment), interpolation)
+    if view.jitter is not None:
+        out = augment.apply_color_jitter(out, view.jitter)
     return np.array(out, dtype=np.uint8)
+
+
+def model_input(pixels: np.ndarray, view: ViewParams, mean, std, erasing_mode: str = "pixel") -> torch.Tensor:
+    """A rendered view (H, W, 3) uint8 → the model's input (3, H, W) float32: normalised, then erased."""
+    x = normalize(pixels, mean, std)
+    return augment.apply_erasing(x, view.erase, view.erase_seed, erasing_mode) if view.erase else x
 
 
 def normalize(pixels: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
@@ -135,6 +254,11 @@ def normalize(pixels: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
     return (x.float().div_(255) - mean) / std
 
 
-def fingerprint(pixels: np.ndarray) -> str:
-    """A short hash of a view's uint8 input pixels, to verify a replay."""
-    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()[:16]
+def fingerprint(pixels: np.ndarray, view: ViewParams | None = None) -> str:
+    """A short hash of a view's input, to verify a replay: its uint8 pixels and, for an erased view, its
+    pixel boxes and fill seed (the fill is a function of those), so the hash fixes the model's input."""
+    h = hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes())
+    if view is not None and view.erase:
+        boxes = augment.erase_boxes(view.erase, tuple(pixels.shape[:2]))
+        h.update(np.array([view.erase_seed, *np.ravel(boxes)], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]

@@ -154,20 +154,22 @@ def all_keys(root: Path) -> list[str]:
     return [reader[i]["key"] for i in range(len(reader))]
 
 
-def replay(split, sample: dict, view: int):
-    """(pixels, teacher outputs as numpy) of a stored view, replayed from the stored parameters."""
+def replay(split, sample: dict, view: int, views: dict | None = None):
+    """(pixels, teacher outputs as numpy) of a stored view, replayed from the stored parameters.
+    views: the cache manifest's ``views`` (its columns and augmentations); None: crop and flip only."""
     import torch
 
     from pipeline.datasets import SampleRef, load_image
-    from pipeline.views import ViewParams, normalize, render_view
+    from pipeline.views import VIEW_FIELDS, ViewConfig, ViewParams, model_input, render_view
 
     info = split.info
+    cfg = ViewConfig.from_manifest(views or {})
     ref = SampleRef(index=sample["index"], key=sample["key"], label=sample["label"], source=sample["source"],
                     member=sample.get("member"))
-    params = ViewParams.from_array(sample["views"][view])
-    pixels = render_view(load_image(ref), params, tuple(info.input_size[1:]), info.interpolation)
+    params = ViewParams.from_array(sample["views"][view], tuple((views or {}).get("fields") or VIEW_FIELDS))
+    pixels = render_view(load_image(ref), params, tuple(info.input_size[1:]), info.interpolation, cfg.rand_augment)
     with torch.inference_mode():
-        out = split.targets(normalize(pixels[None], info.mean, info.std))
+        out = split.targets(model_input(pixels, params, info.mean, info.std, cfg.erasing_mode)[None])
     return pixels, {k: v[0].float().numpy() for k, v in out.items()}
 
 

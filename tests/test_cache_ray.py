@@ -14,8 +14,13 @@ from types import SimpleNamespace
 import pytest
 
 from _cache_helpers import (all_keys, committed, file_sums, make_imagefolder, make_spec, manifest, run,
-                            save_checkpoint, shard_sums, temporaries)
+                            save_checkpoint, shard_sums, temporaries, view_config)
 from pipeline.inspect_cache import verify
+
+
+def _augmented(data, out, ckpt):
+    # RandAugment and erasing too: their parameters and the erasing after normalisation cross Ray's stages
+    return make_spec(data, out, ckpt, views=view_config(3, rand_augment="rand-m9-mstd0.5-inc1", erasing=0.5))
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +30,7 @@ def local_ref(tmp_path_factory):
         mp.setenv("SCALEKD_WORK", str(root / "work"))
         data = make_imagefolder(root / "data")
         ckpt = save_checkpoint(root / "teacher.safetensors")
-        spec = make_spec(data, root / "local", ckpt)
-        run(spec, engine="local")
+        run(_augmented(data, root / "local", ckpt), engine="local")
     return SimpleNamespace(root=root, data=data, ckpt=ckpt, local=root / "local")
 
 
@@ -55,8 +59,7 @@ def test_ray_engine_writes_the_same_shards_as_local_and_leaves_home_alone(local_
     import ray
 
     out = tmp_path / "ray-cache"
-    spec = make_spec(local_ref.data, out, local_ref.ckpt)
-    summary = run(spec, engine="ray")
+    summary = run(_augmented(local_ref.data, out, local_ref.ckpt), engine="ray")
     assert summary["complete"] is True and summary["samples"] == 9 and summary["shards"] == 4
     assert summary["new_samples"] == 9 and summary["skipped"] == 1
     # the job started its own Ray and shut it down

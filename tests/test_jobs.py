@@ -13,11 +13,29 @@ from pipeline.job_spec import load_cache_spec, load_train_spec
 import yaml
 
 # job specs have a cache: section (jobs/ also holds the Ray runtime environment)
-JOBS = sorted(p for p in (Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml")
-              if "cache" in (yaml.safe_load(p.read_text()) or {}))
+ROOT = Path(__file__).resolve().parents[1] / "jobs"
+JOBS = sorted(p for p in ROOT.glob("**/*.yaml") if "cache" in (yaml.safe_load(p.read_text()) or {}))
+NAMES = [p.relative_to(ROOT).with_suffix("").as_posix() for p in JOBS]
+
+# Table 3's published pairs (RECIPES.md): job file → (student, recipe)
+TABLE3 = {
+    "swinl-imagenet/mbv1": ("mobilenetv1_100", "mbv1-advanced"),
+    "swinl-imagenet/mbv1-traditional": ("mobilenetv1_100", "mbv1-traditional"),
+    "swinl-imagenet/r50": ("resnet50d", "r50-advanced"),
+    "swinl-imagenet/r50-traditional": ("resnet50", "r50-traditional"),
+    "swinl-imagenet/convnext-t": ("convnext_tiny", "convnext-t"),
+    "swinl-imagenet/mixer-s16": ("mixer_s16_224", "mixer-s16"),
+    "swinl-imagenet/mixer-b16": ("mixer_b16_224", "mixer-b16"),
+    "swinl-imagenet/vit-s16": ("deit_small_patch16_224", "vit-s16"),
+    "swinl-imagenet/swin-t": ("swin_tiny_patch4_window7_224", "swin-t"),
+    "swinl-imagenet/vit-b16": ("deit_base_patch16_224", "vit-b16"),
+    "eva-imagenet/r50": ("resnet50d", "r50-advanced"),
+    "eva-imagenet/mixer-b14": ("mixer_b14_224", "mixer-b14"),
+    "eva-imagenet/vit-b14": ("vit_base_patch14_224", "vit-b14"),
+}
 
 
-@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
+@pytest.mark.parametrize("path", JOBS, ids=NAMES)
 def test_job_spec_parses_and_its_teacher_splits(path):
     spec = load_cache_spec(path)
     info = teacher_info_for(spec.teacher)  # meta device: no weights, no download
@@ -26,12 +44,35 @@ def test_job_spec_parses_and_its_teacher_splits(path):
     assert train.cache == spec.output
 
 
-def test_the_job_specs_are_the_demo_and_the_two_paper_teachers():
-    assert {p.stem for p in JOBS} == {"demo", "swinl-imagenet", "eva-imagenet"}
+def test_the_job_specs_are_the_demos_the_two_paper_teachers_and_each_table3_pair():
+    assert set(NAMES) == {"demo", "demo-advanced", "swinl-imagenet", "eva-imagenet"} | set(TABLE3)
+
+
+@pytest.mark.parametrize("name", sorted(TABLE3))
+def test_each_table3_job_trains_its_student_with_its_recipe_from_a_cache_of_the_recipes_views(name):
+    from pipeline.recipes import RECIPES
+
+    path = ROOT / f"{name}.yaml"
+    cache, train = load_cache_spec(path), load_train_spec(path)
+    assert (train.student, train.recipe) == TABLE3[name]
+    wanted = RECIPES[train.recipe]["views"]
+    assert (cache.views.rand_augment, cache.views.erasing) == (wanted["rand_augment"], wanted["erasing"])
+    assert cache.teacher["name"] == load_cache_spec(ROOT / f"{name.split('/')[0]}.yaml").teacher["name"]
+
+
+def test_jobs_that_name_one_cache_folder_describe_one_cache():
+    """cache-teacher on a complete cache of the same configuration does nothing: the pairs share caches."""
+    by_output: dict[str, list] = {}
+    for path in JOBS:
+        spec = load_cache_spec(path)
+        by_output.setdefault(spec.output, []).append(spec)
+    assert len(by_output) == 2 + 5 + 4  # the two demos; Swin-L: T, S, M, R, R−; EVA: T, S, M, R
+    for specs in by_output.values():
+        assert all(s == specs[0] for s in specs[1:])
 
 
 def test_paper_specs_split_the_teachers_as_scalekd_md_says():
-    by_name = {p.stem: load_cache_spec(p) for p in JOBS}
+    by_name = {n: load_cache_spec(p) for n, p in zip(NAMES, JOBS)}
     swin = teacher_info_for(by_name["swinl-imagenet"].teacher)
     assert (swin.mid_hw, swin.mid_channels, swin.final_hw, swin.final_channels) == ((14, 14), 768, (7, 7), 1536)
     eva = teacher_info_for(by_name["eva-imagenet"].teacher)
