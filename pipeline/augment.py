@@ -144,8 +144,13 @@ def apply_rand_augment(image: Image.Image, slots, table: RandAugmentTable, inter
         if not s.applied:
             continue
         op = table.ops[s.op]
-        kwargs = dict(op.kwargs, resample=_PIL[interpolation])
-        image = op.aug_fn(image, *_level_args(op, s.magnitude, s.sign), **kwargs)
+        args = _level_args(op, s.magnitude, s.sign)
+        if op.name.startswith("Posterize") and args[0] < 1:
+            # PosterizeIncreasing keeps 0 bits above magnitude 7.5: Pillow (>= 10) refuses 0, older
+            # Pillow (and TF's RandAugment) gave a black image, which is what 0 bits means
+            image = Image.new(image.mode, image.size)
+            continue
+        image = op.aug_fn(image, *args, **dict(op.kwargs, resample=_PIL[interpolation]))
     return image
 
 

@@ -88,6 +88,25 @@ def test_each_op_replays_bit_for_bit_at_the_teacher_size_and_within_tolerance_at
         assert np.abs(other - _downsized(teacher, STUDENT)).mean() > 3 * error
 
 
+@pytest.mark.parametrize("magnitude", [0.0, 7.4, 7.6, 10.0])
+def test_posterize_at_every_magnitude_keeps_its_bits_and_zero_bits_is_black(magnitude):
+    """timm's PosterizeIncreasing keeps 4 − int(m·4/10) bits: 0 from m = 7.5, which Pillow refuses."""
+    index = [name for _, name in _ops()].index("PosterizeIncreasing")
+    out = render_view(IMAGE, ViewParams(**BOX, ops=(RandOp(index, magnitude, 1, True),)), TEACHER, "bicubic", RA)
+    bits = 4 - int(magnitude / 10 * 4)
+    plain = render_view(IMAGE, ViewParams(**BOX), TEACHER, "bicubic")
+    assert np.array_equal(out, plain & np.uint8((0xFF << (8 - bits)) & 0xFF))
+
+
+def test_every_op_renders_at_every_magnitude_and_sign():
+    for index, name in _ops():
+        for magnitude in (0.0, 2.5, 5.0, 7.5, 10.0):
+            for sign in (1, -1):
+                out = render_view(IMAGE, ViewParams(**BOX, ops=(RandOp(index, magnitude, sign, True),)), STUDENT,
+                                  "bilinear", RA)
+                assert out.shape == (*STUDENT, 3) and out.dtype == np.uint8, (name, magnitude, sign)
+
+
 def test_an_op_not_applied_leaves_the_crop_alone():
     plain = render_view(IMAGE, ViewParams(**BOX), TEACHER, "bicubic")
     skipped = render_view(IMAGE, ViewParams(**BOX, ops=(RandOp(3, 9.0, 1, False), RandOp(2, 9.0, 1, False))),
