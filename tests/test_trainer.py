@@ -94,7 +94,7 @@ def test_a_few_steps_from_cache_give_the_online_student(world, tmp_path, codec, 
     targets' difference. (Adam divides by the gradient's own scale: on parameters whose gradient is
     ~0 it turns 1e-9 of float noise into steps of ±lr, in either mode, so it cannot show this.)"""
     cache = world["caches"][("zarr", codec)]
-    kw = {"epochs": 1, "recipe": "traditional", "lr": 0.05}
+    kw = {"epochs": 1, "recipe": "r50-traditional", "lr": 0.05}
     a = train(_spec(world, cache, tmp_path / "cached", **kw), progress=False, log=lambda m: None)
     b = train(_spec(world, cache, tmp_path / "online", targets="online", **kw), progress=False, log=lambda m: None)
     _, _, distiller, _, _ = build_run(_spec(world, cache, tmp_path / "init", **kw), torch.device("cpu"))
@@ -430,7 +430,10 @@ def test_distill_cli_trains_and_prints_where_the_files_are(world, tmp_path):
     line = next(l for l in result.output.splitlines() if l.startswith("student:"))
     assert Path(line.split()[-1], "config.json").is_file()
     bad = CliRunner().invoke(app, ["distill", str(job), "--recipe", "nope"])
-    assert bad.exit_code == 2 and "'nope' is not one of 'traditional', 'advanced', 'deit', 'demo'" in " ".join(bad.output.replace("│", " ").split())
+    from pipeline.recipes import ALIASES, RECIPES
+
+    names = ", ".join(f"'{n}'" for n in (*RECIPES, *ALIASES))
+    assert bad.exit_code == 2 and f"'nope' is not one of {names}" in " ".join(bad.output.replace("│", " ").split())
     assert CliRunner().invoke(app, ["distill", "--help"]).exit_code == 0
 
 
