@@ -13,7 +13,7 @@ from typing import NoReturn, Optional
 
 import typer
 
-from .recipes import RECIPES
+from .recipes import ALIASES, RECIPES
 
 app = typer.Typer(
     help="ScaleKD with an offline teacher-feature cache: cache a teacher's features once, distil many students.",
@@ -39,7 +39,7 @@ class TargetSource(str, Enum):
     online = "online"
 
 
-Recipe = Enum("Recipe", {name: name for name in RECIPES}, type=str)  # pipeline/recipes.py's names
+Recipe = Enum("Recipe", {name: name for name in (*RECIPES, *ALIASES)}, type=str)  # pipeline/recipes.py's names
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -302,7 +302,8 @@ def distill(
     targets: Optional[TargetSource] = typer.Option(None, help="cache: read the cache; online: run the whole teacher live"),
     cache: Optional[Path] = typer.Option(None, help="cache folder (overrides the spec)"),
     student: Optional[str] = typer.Option(None, help="timm name of the student (overrides the spec)"),
-    recipe: Optional[Recipe] = typer.Option(None, help="training recipe (pipeline/recipes.py)"),
+    recipe: Optional[Recipe] = typer.Option(None, metavar="NAME", help="training recipe (pipeline/recipes.py): "
+                                            + ", ".join(RECIPES) + "; earlier names " + ", ".join(ALIASES)),
     epochs: Optional[int] = typer.Option(None, help="epochs (overrides the recipe)"),
     batch_size: Optional[int] = typer.Option(None, help="batch size (overrides the recipe)"),
     lr: Optional[float] = typer.Option(None, help="peak learning rate (overrides the recipe)"),

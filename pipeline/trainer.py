@@ -17,9 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import timm
-import timm.optim
-import timm.scheduler
 import timm.utils
 import torch
 from torch import nn
@@ -35,6 +32,7 @@ from . import distributed
 from .distributed import World
 from .job_spec import TrainSpec
 from .late import CacheMismatchError, build_late, check_teacher_matches
+from .optimization import build_optimization, check_views
 from .output_guard import OutputLock
 from .reader import CacheReader
 from .recipes import recipe as named_recipe
@@ -80,6 +78,8 @@ def build_run(spec: TrainSpec, device: torch.device):
     if missing:
         raise CacheMismatchError(f"cache {spec.cache} does not store role(s) {sorted(missing)}, which the loss needs")
     rec = _recipe(spec)
+    if spec.check_views:
+        check_views(spec.recipe, rec, spec.cache, reader.manifest)
     online = None
     if spec.targets == "online":
         from .weights import load_teacher
@@ -101,8 +101,9 @@ def build_run(spec: TrainSpec, device: torch.device):
     else:
         late = build_late(teacher, device)
     torch.manual_seed(spec.seed)  # the student and CAPs start the same whichever target source was built
+    dp = {} if rec["drop_path_rate"] is None else {"drop_path_rate": rec["drop_path_rate"]}
     student = create_student(spec.student, num_classes=teacher["num_classes"], input_size=spec.student_input_size,
-                             **spec.student_kwargs)
+                             **(dp | spec.student_kwargs))
     loss_cfg = preset(late.info, spec.student, **({"task_loss": rec["task_loss"]} | spec.loss))
     distiller = ScaleKDDistiller(student, late, loss_cfg).to(device)
     scfg = dict(student.model.pretrained_cfg) | {"input_size": student.input_size}
@@ -147,7 +148,8 @@ class _EvalImages(torch.utils.data.Dataset):
 
 def _recipe(spec: TrainSpec) -> dict:
     return named_recipe(spec.recipe, **{k: getattr(spec, k) for k in ("epochs", "batch_size", "lr", "opt", "weight_decay",
-                                                                      "sched", "warmup_epochs", "grad_clip", "task_loss")})
+                                                                      "sched", "warmup_epochs", "grad_clip", "task_loss",
+                                                                      "ema", "ema_decay")})
 
 
 def _progress(m: dict) -> str:
@@ -406,12 +408,10 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
     if main:
         _write_job_spec(spec, rec, out / JOB_SPEC_FILE)
     title = f"{reader.manifest['teacher']['name']} → {spec.student}"
-    trainable = nn.ModuleDict({"student": distiller.student, "caps": distiller.caps})
     channels_last = device.type == "cuda" if spec.channels_last is None else spec.channels_last
     if channels_last:  # the student's and CAPs' convolutions in NHWC (bench/results-step-cuda.json)
-        trainable.to(memory_format=torch.channels_last)
-    opt = timm.optim.create_optimizer_v2(trainable, opt=rec["opt"], lr=rec["lr"], weight_decay=rec["weight_decay"],
-                                         **({"momentum": rec["momentum"]} if "momentum" in rec else {}))
+        for part in (distiller.student, distiller.caps):
+            part.to(memory_format=torch.channels_last)
     batch = min(rec["batch_size"], len(data))
     steps = len(data) // batch
     if spec.max_steps_per_epoch:
@@ -427,10 +427,9 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         # gradients still flow through it to the proxy CAPs.
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=not distiller.config.features)
-    sched, _ = timm.scheduler.create_scheduler_v2(
-        opt, sched=rec["sched"], num_epochs=rec["epochs"], warmup_epochs=rec.get("warmup_epochs", 0),
-        decay_milestones=rec.get("decay_milestones", (90, 180, 270)), decay_rate=rec.get("decay_rate", 0.1),
-        step_on_epochs=False, updates_per_epoch=steps)
+    # optimizer (student + CAPs, the recipe's no-decay rule), per-iteration schedule, clip, EMA of the student
+    optim = build_optimization(rec, distiller, steps)
+    trainable, opt, sched, ema = optim.trainable, optim.optimizer, optim.scheduler, optim.ema
     start_epoch, metrics = 0, []
     ckpt_path = out / CHECKPOINT
     if resume:
@@ -441,6 +440,8 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             trainable.load_state_dict(state["trainable"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            if ema is not None:
+                ema.module.load_state_dict(state["ema"])
             torch.set_rng_state(state["rng"])
             start_epoch, metrics = state["epoch"] + 1, json.loads(state["metrics"])
             log(f"resuming {spec.name} at epoch {start_epoch + 1} of {rec['epochs']} from {ckpt_path}")
@@ -492,12 +493,14 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
                 terms = model(images, targets, labels)
             opt.zero_grad(set_to_none=True)
             (terms["loss"] * share if world and share != 1.0 else terms["loss"]).backward()
-            if rec.get("grad_clip"):
-                torch.nn.utils.clip_grad_norm_(trainable.parameters(), rec["grad_clip"])
+            if optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable.parameters(), optim.grad_clip)
             lr_last = opt.param_groups[0]["lr"]  # the lr this step uses
             lr_first = lr_last if lr_first is None else lr_first
             opt.step()
             sched.step_update(epoch * steps + step + 1)
+            if ema is not None:
+                ema.update(distiller.student.model)
             n = images.shape[0]
             if world:  # the global batch's terms, on every rank: the same log, the same stop on a NaN
                 totals = world.sum(torch.tensor([terms[k].item() * n for k in sums] + [n], dtype=torch.float64))
@@ -525,33 +528,44 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         record = {"epoch": epoch + 1, "view": data.view_of(epoch), "train": {k: v / max(seen, 1) for k, v in sums.items()},
                   "val": val, "lr": lr_first, "lr_last": lr_last, "samples": seen, "seconds": round(seconds, 2),
                   "samples_per_s": round(seen / seconds, 2) if seconds else None}
+        if ema is not None:  # the moving average beside the raw student, every epoch
+            record["val_ema"] = evaluate(ema.module, spec.val, device, distiller.student.input_size, world=world,
+                                         workers=spec.workers, progress=progress,
+                                         desc=f"validation (EMA) {epoch + 1}/{rec['epochs']}")
         metrics.append(record)
         def save(epoch=epoch):
             _save_epoch(out, ckpt_path, metrics, {"spec": _resume_key(spec), "epoch": epoch, "trainable": trainable.state_dict(),
                                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                  "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)})
+                                                  "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)}
+                        | ({"ema": ema.module.state_dict()} if ema is not None else {}))
 
         # rank 0 alone writes; its error (a full disk) is raised on every rank, so none waits forever
         world.from_main(save) if world else save()
         log(f"epoch {epoch + 1}: loss {record['train']['loss']:.4f}"
             + (f", val top-1 {val['top1']:.1f}% top-5 {val['top5']:.1f}%" if val else "")
+            + (f" (EMA {record['val_ema']['top1']:.1f}% / {record['val_ema']['top5']:.1f}%)" if record.get("val_ema") else "")
             + f", {record['samples_per_s']} samples/s")
     student_file = out / STUDENT_FILE
+    # the recipe's evaluated weights are the ones exported: the moving average where it is evaluated on
+    exported = "ema" if ema is not None and rec["ema_eval"] else "student"
+    final = ema.module if exported == "ema" else distiller.student.model
 
     def finish():
         from .export import export_timm_folder
 
-        export_student(distiller.student.model, student_file)
-        folder = export_timm_folder(distiller.student.model, out / STUDENT_FOLDER, distiller.student.input_size)
+        export_student(final, student_file)
+        folder = export_timm_folder(final, out / STUDENT_FOLDER, distiller.student.input_size)
         if not folder["plain_timm"]:
             log(f"{folder['folder']}: no timm name rebuilds {folder['architecture']}; load it after "
                 f"`import scalekd.student`, which registers that name")
+        log(f"exported the {'moving average (EMA) of the student' if exported == 'ema' else 'student'} to "
+            f"{student_file} and {out / STUDENT_FOLDER}")
         return _plot(metrics, out / PLOT_FILE, title) if metrics else None
 
     plot = world.from_main(finish) if world else finish()  # every rank returns once the files are there
     return {"student": str(student_file), "student_folder": str(out / STUDENT_FOLDER),
             "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
-            "job_spec": str(out / JOB_SPEC_FILE),
+            "job_spec": str(out / JOB_SPEC_FILE), "exported": exported,
             "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None} | _rank_of(world)
 
 
@@ -584,6 +598,6 @@ def _read_checkpoint(path: Path, spec: TrainSpec) -> dict | None:
 def _resume_key(spec: TrainSpec) -> str:
     d = spec.to_dict()
     for volatile in ("workers", "device", "output", "verify_fingerprints", "on_corrupt", "channels_last", "data_root",
-                     "teacher_checkpoint", "allow_incomplete"):
+                     "teacher_checkpoint", "allow_incomplete", "check_views"):
         d.pop(volatile, None)
     return json.dumps(d, sort_keys=True)

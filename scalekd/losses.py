@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy
 
 from .dc import dc_removed
 
@@ -58,22 +59,29 @@ def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def _ce_smooth(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
+# Label smoothing 0.1 in mmcls's 'original' mode: targets (1 - ε)·one_hot + ε/K, cross-entropy, mean over
+# the batch; timm's LabelSmoothingCrossEntropy is that formula.
+_ce_smooth = LabelSmoothingCrossEntropy(smoothing=0.1)
+# The release's BCE (ResNet-50-D advanced): sigmoid BCE on one-hot targets, summed over classes and divided by
+# the batch. timm's BinaryCrossEntropy averages over batch AND classes by default; sum_classes=True is the
+# release's reduction (K times the default's value).
+_bce_one_hot = BinaryCrossEntropy(smoothing=0.0, sum_classes=True)
+
+
+def _ce_smooth_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return _ce_smooth(logits.float(), labels)
 
 
 def _bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # The advanced ResNet recipe's BCE on one-hot targets, mean over batch and classes (as timm's
-    # BinaryCrossEntropy with smoothing 0).
-    one_hot = F.one_hot(labels, logits.shape[-1]).to(torch.float32)
-    return F.binary_cross_entropy_with_logits(logits.float(), one_hot)
+    return _bce_one_hot(logits.float(), labels)
 
 
-TASK_LOSSES = {"ce": _ce, "ce_smooth": _ce_smooth, "bce": _bce}
+TASK_LOSSES = {"ce": _ce, "ce_smooth": _ce_smooth_loss, "bce": _bce}
 
 
 def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """L_task: 'ce' (traditional), 'ce_smooth' (label smoothing 0.1), 'bce' (advanced ResNet)."""
+    """L_task: 'ce' (traditional), 'ce_smooth' (label smoothing 0.1), 'bce' (advanced ResNet:
+    Σ over classes of sigmoid BCE on one-hot targets, / batch)."""
     try:
         fn = TASK_LOSSES[kind]
     except KeyError:

@@ -283,12 +283,13 @@ def test_task_loss_ce_smooth_uses_label_smoothing_01():
     assert got.item() != pytest.approx(task_loss("ce", torch.tensor(LOGITS), torch.tensor(LABELS)).item(), rel=1e-3)
 
 
-def test_task_loss_bce_is_mean_binary_cross_entropy_on_one_hot():
+def test_task_loss_bce_is_binary_cross_entropy_on_one_hot_summed_over_classes_per_sample():
     z = np.array(LOGITS)
     y = np.zeros_like(z)
     y[0, 0] = y[1, 2] = 1.0
     sig = 1 / (1 + np.exp(-z))
-    expected = -(y * np.log(sig) + (1 - y) * np.log(1 - sig)).mean()  # over batch AND classes
+    # the release's reduction: summed over classes, divided by the batch (not timm's default mean over both)
+    expected = -(y * np.log(sig) + (1 - y) * np.log(1 - sig)).sum() / z.shape[0]
     got = task_loss("bce", torch.tensor(LOGITS), torch.tensor(LABELS))
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
@@ -367,7 +368,7 @@ def test_distiller_applies_task_and_kd_weights_and_temperature(make_distiller):
     z = 1 / (1 + np.exp(-lg))
     y = np.zeros_like(lg)
     y[0, 1] = y[1, 2] = 1
-    bce = -(y * np.log(z) + (1 - y) * np.log(1 - z)).mean()
+    bce = -(y * np.log(z) + (1 - y) * np.log(1 - z)).sum() / lg.shape[0]
     assert t1["task"].item() == pytest.approx(2.0 * bce, rel=1e-5)
     assert t1["kd"].item() == pytest.approx(3.0 * _np_kd(lg, targets.logits.double().numpy(), 2.0), rel=1e-5)
     for path in ("proxy", "main"):

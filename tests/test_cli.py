@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from _cache_helpers import TEACHER_NAME, make_imagefolder, save_checkpoint, teacher_dict
 from pipeline.cli import app
+from pipeline.recipes import ALIASES, RECIPES
 
 WIDE = {"COLUMNS": "250", "TERM": "dumb"}
 
@@ -58,7 +59,7 @@ def test_dash_h_is_help(command):
 
 @pytest.mark.parametrize("command, option, choices", [
     ("cache-teacher", "--format", "[zarr|webdataset]"), ("cache-teacher", "--engine", "[ray|local]"),
-    ("distill", "--targets", "[cache|online]"), ("distill", "--recipe", "[traditional|advanced|deit|demo]"),
+    ("distill", "--targets", "[cache|online]"), 
     ("distill", "--device", "[auto|cpu|cuda|cuda:N]"),
 ])
 def test_help_lists_every_choice(command, option, choices):
@@ -67,9 +68,15 @@ def test_help_lists_every_choice(command, option, choices):
     assert choices.strip("[]") in line.replace("<", "[").replace(">", "]"), line
 
 
+def test_distill_help_names_every_recipe_and_earlier_name():
+    text = _flat(_invoke("distill", "-h").output)
+    assert "--recipe NAME" in text
+    assert f"training recipe (pipeline/recipes.py): {', '.join(RECIPES)}; earlier names {', '.join(ALIASES)}" in text
+
+
 @pytest.mark.parametrize("command, option, typed, offered", [
     ("cache-teacher", "--format", "w", ["webdataset"]), ("cache-teacher", "--engine", "", ["ray", "local"]),
-    ("distill", "--targets", "c", ["cache"]), ("distill", "--recipe", "d", ["deit", "demo"]),
+    ("distill", "--targets", "c", ["cache"]), ("distill", "--recipe", "d", ["demo", "demo-advanced", "deit"]),
     ("distill", "--device", "cu", ["cuda", "cuda:0"]),
 ])
 def test_completion_offers_the_choices(command, option, typed, offered):

@@ -36,7 +36,7 @@ from pipeline.job_spec import TrainSpec
 from pipeline.trainer import build_run, evaluate, train
 
 STUDENT = "convnext_atto"
-BASE = {"name": "ddp", "student": STUDENT, "student_input_size": 64, "recipe": "traditional", "lr": 0.002,
+BASE = {"name": "ddp", "student": STUDENT, "student_input_size": 64, "recipe": "r50-traditional", "lr": 0.002,
         "epochs": 2, "batch_size": 4, "workers": 0, "device": "cpu", "loss": {"beta": 0.0}}
 TOLERANCE = 1e-5  # relative, on the weights and on every loss term
 

@@ -94,7 +94,7 @@ def test_a_few_steps_from_cache_give_the_online_student(world, tmp_path, codec, 
     targets' difference. (Adam divides by the gradient's own scale: on parameters whose gradient is
     ~0 it turns 1e-9 of float noise into steps of ±lr, in either mode, so it cannot show this.)"""
     cache = world["caches"][("zarr", codec)]
-    kw = {"epochs": 1, "recipe": "traditional", "lr": 0.05}
+    kw = {"epochs": 1, "recipe": "r50-traditional", "lr": 0.05}
     a = train(_spec(world, cache, tmp_path / "cached", **kw), progress=False, log=lambda m: None)
     b = train(_spec(world, cache, tmp_path / "online", targets="online", **kw), progress=False, log=lambda m: None)
     _, _, distiller, _, _ = build_run(_spec(world, cache, tmp_path / "init", **kw), torch.device("cpu"))
@@ -430,7 +430,10 @@ def test_distill_cli_trains_and_prints_where_the_files_are(world, tmp_path):
     line = next(l for l in result.output.splitlines() if l.startswith("student:"))
     assert Path(line.split()[-1], "config.json").is_file()
     bad = CliRunner().invoke(app, ["distill", str(job), "--recipe", "nope"])
-    assert bad.exit_code == 2 and "'nope' is not one of 'traditional', 'advanced', 'deit', 'demo'" in " ".join(bad.output.replace("│", " ").split())
+    from pipeline.recipes import ALIASES, RECIPES
+
+    names = ", ".join(f"'{n}'" for n in (*RECIPES, *ALIASES))
+    assert bad.exit_code == 2 and f"'nope' is not one of {names}" in " ".join(bad.output.replace("│", " ").split())
     assert CliRunner().invoke(app, ["distill", "--help"]).exit_code == 0
 
 
@@ -476,3 +479,88 @@ def test_a_checkpoint_that_is_not_this_trainers_is_refused_by_name(tmp_path):
         _read_checkpoint(path, TrainSpec(name="t", cache="c", student=STUDENT, output=str(tmp_path)))
     assert str(e.value) == (f"checkpoint {path} is not this trainer's checkpoint (no 'spec' entry); remove it or "
                             f"start a new output folder")
+
+
+# --- the recipe's moving average (EMA) and views, in the trainer
+
+
+def _ema_spec(world, output, **kw):
+    kw = {"recipe": "demo-advanced", "val": {"kind": "imagefolder", "root": str(world["data"])}} | kw
+    return _spec(world, world["caches"][("zarr", "fp16")], output, **kw)
+
+
+def test_ema_resumed_after_a_stop_is_bitwise_the_uninterrupted_one_and_is_what_is_exported(world, tmp_path):
+    straight = train(_ema_spec(world, tmp_path / "straight"), progress=False, log=lambda m: None)
+    spec = _ema_spec(world, tmp_path / "killed")
+    steps_per_epoch = len(CacheReader(world["caches"][("zarr", "fp16")])) // 4
+    stopped = train(spec, progress=False, log=lambda m: None, stop_after_steps=steps_per_epoch + 1)
+    assert stopped["epoch"] == 1  # epoch 1 checkpointed (with its EMA), epoch 2 begun
+    resumed = train(spec, resume=True, progress=False, log=lambda m: None)
+    a, b = (torch.load(r["checkpoint"], map_location="cpu", weights_only=True) for r in (straight, resumed))
+    assert a["ema"].keys() == b["ema"].keys()
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    _same_student(straight["student"], resumed["student"])
+    assert _results(resumed["metrics"]) == _results(straight["metrics"])
+    assert all(set(m["val_ema"]) == {"top1", "top5", "images"} for m in _results(straight["metrics"]))
+    # the EMA is what was exported, and it is neither the raw student nor its initial weights
+    assert straight["exported"] == "ema"
+    exported = _weights(straight["student"])
+    raw = {k.removeprefix("student.model."): v for k, v in a["trainable"].items() if k.startswith("student.model.")}
+    _, _, distiller, _, _ = build_run(_ema_spec(world, tmp_path / "init"), torch.device("cpu"))
+    init = distiller.student.model.state_dict()
+    for k, v in a["ema"].items():
+        assert torch.equal(exported[k], v), k
+    floats = [k for k in exported if exported[k].is_floating_point() and "running" not in k]
+    assert all(torch.equal(exported[k], raw[k]) for k in exported if "running" in k)  # buffers copied, not averaged
+    assert sum((exported[k] - raw[k]).norm() for k in floats) > 1e-4
+    assert sum((exported[k] - init[k]).norm() for k in floats) > 1e-4
+
+
+def test_a_recipe_evaluating_the_raw_student_exports_it_and_keeps_the_ema_in_the_checkpoint(world, tmp_path,
+                                                                                            monkeypatch):
+    from pipeline import recipes
+
+    monkeypatch.setitem(recipes.RECIPES, "demo-ema-raw", recipes.RECIPES["demo-advanced"] | {"ema_eval": False})
+    result = train(_ema_spec(world, tmp_path / "run", recipe="demo-ema-raw", epochs=1), progress=False,
+                   log=lambda m: None)
+    state = torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
+    assert result["exported"] == "student" and "ema" in state
+    exported = _weights(result["student"])
+    for k, v in state["trainable"].items():
+        if k.startswith("student.model."):
+            assert torch.equal(exported[k.removeprefix("student.model.")], v), k
+
+
+def test_the_job_spec_turns_the_ema_on_with_its_decay(world, tmp_path):
+    result = train(_spec(world, world["caches"][("zarr", "fp16")], tmp_path / "run", epochs=1, ema=True,
+                         ema_decay=0.5), progress=False, log=lambda m: None)
+    assert result["exported"] == "ema"
+    plain = train(_spec(world, world["caches"][("zarr", "fp16")], tmp_path / "plain", epochs=1), progress=False,
+                  log=lambda m: None)
+    assert plain["exported"] == "student"
+    assert "ema" not in torch.load(plain["checkpoint"], map_location="cpu", weights_only=True)
+
+
+def test_a_recipe_whose_views_the_cache_lacks_is_refused_unless_the_run_opts_out(world, tmp_path):
+    cache = world["caches"][("zarr", "fp16")]
+    with pytest.raises(CacheMismatchError) as e:
+        build_run(_spec(world, cache, tmp_path / "r", recipe="vit-b16"), torch.device("cpu"))
+    assert str(e.value) == (
+        f"recipe 'vit-b16' trains on views with rand_augment 'rand-m9-mstd0.5-inc1' and erasing 0.25, but cache "
+        f"{cache} holds views with rand_augment None and erasing 0.0 (its manifest.json 'views'); make a cache with "
+        f"the recipe's views, choose a recipe whose views are the cache's, or set check_views: false in the distill "
+        f"section to train on this cache anyway")
+    _, _, distiller, _, rec = build_run(_spec(world, cache, tmp_path / "r", recipe="vit-b16", check_views=False),
+                                        torch.device("cpu"))
+    assert rec["views"]["rand_augment"] == "rand-m9-mstd0.5-inc1"
+
+
+def test_the_recipes_drop_path_rate_reaches_the_student_unless_student_kwargs_sets_it(world, tmp_path):
+    cache = world["caches"][("zarr", "fp16")]
+    kw = {"check_views": False, "recipe": "swin-t"}
+    _, _, d, _, _ = build_run(_spec(world, cache, tmp_path / "r", **kw), torch.device("cpu"))
+    assert d.student.model_args["drop_path_rate"] == 0.05
+    _, _, d, _, _ = build_run(_spec(world, cache, tmp_path / "r", student_kwargs={"drop_path_rate": 0.2}, **kw),
+                              torch.device("cpu"))
+    assert d.student.model_args["drop_path_rate"] == 0.2
