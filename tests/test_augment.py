@@ -244,10 +244,11 @@ def test_an_augmented_cache_recomputes_with_no_mismatch(augmented):
 def test_cached_loss_terms_equal_online_on_randaugment_and_erasing_views(augmented, tmp_path):
     from test_trainer import _spec, _terms
 
-    world = {}
+    world, kw = {}, {"check_views": False}  # the demo recipe on this cache's views (jitter, erasing .6)
     for epoch in (0, 1):
-        cached, t_cached = _terms(_spec(world, augmented["cache"], tmp_path / "c"), epoch=epoch)
-        online, t_online = _terms(_spec(world, augmented["cache"], tmp_path / "o", targets="online"), epoch=epoch)
+        cached, t_cached = _terms(_spec(world, augmented["cache"], tmp_path / "c", **kw), epoch=epoch)
+        online, t_online = _terms(_spec(world, augmented["cache"], tmp_path / "o", targets="online", **kw),
+                                  epoch=epoch)
         assert (t_cached.final - t_online.final).abs().max() < 1e-5
         assert set(cached) == set(online)
         for k in cached:
