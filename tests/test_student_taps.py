@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 import scalekd.student  # noqa: F401  (registers mixer_b14_224 and vit_base_patch14_224)
+from scalekd.distiller import ScaleKDDistiller
 from scalekd.student import create_student
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=12, embed_dim=32, num_heads=2)  # a 4×4 grid, 12 blocks
@@ -110,3 +111,10 @@ def test_stage4_norm_on_a_student_without_a_final_norm_is_refused():
     with pytest.raises(ValueError, match="student ResNet has no final norm to tap stage 4 after; set stage4_norm: false"):
         create_student("resnet18", 5, input_size=64, stage4_norm=True)
 
+
+def test_distiller_refuses_a_student_whose_tap_disagrees_with_the_loss_config(make_distiller):
+    distiller, split = make_distiller(student="vit_tiny_patch16_224",
+                                       student_kwargs=dict(stage4_norm=False, depth=4, img_size=64))
+    assert distiller.student.stage4_norm is False
+    with pytest.raises(ValueError, match="loss config stage4_norm=True but student VisionTransformer taps stage 4 before"):
+        ScaleKDDistiller(distiller.student, split.late, type(distiller.config)(**(distiller.config.to_dict() | {"stage4_norm": True})))
