@@ -452,7 +452,10 @@ def reference_markdown() -> str:
               + ". The keys are explained in pipeline/recipes.py."]
     lines += ["", "### Loss overrides (`distill.loss`)", "",
               "Keys of `scalekd.presets.LossConfig`; each defaults to the release's value for the teacher → student "
-              "pair (docs/method.md): " + ", ".join(f"`{f.name}`" for f in dataclass_fields(LossConfig)) + "."]
+              "pair where the release published it, else to our rule (docs/method.md): "
+              + ", ".join(f"`{f.name}`" for f in dataclass_fields(LossConfig))
+              + ". `style: ours` takes our rule for every value of a published pair too; `stage4_norm` also "
+                "sets the student's stage-4 tap (after its final norm or raw)."]
     return "\n".join(lines) + "\n"
 
 

@@ -103,8 +103,9 @@ def build_run(spec: TrainSpec, device: torch.device):
     torch.manual_seed(spec.seed)  # the student and CAPs start the same whichever target source was built
     dp = {} if rec["drop_path_rate"] is None else {"drop_path_rate": rec["drop_path_rate"]}
     student = create_student(spec.student, num_classes=teacher["num_classes"], input_size=spec.student_input_size,
-                             **(dp | spec.student_kwargs))
-    loss_cfg = preset(late.info, spec.student, **({"task_loss": rec["task_loss"]} | spec.loss))
+                             stage4_norm=spec.loss.get("stage4_norm"), **(dp | spec.student_kwargs))
+    loss_cfg = preset(late.info, spec.student, **({"task_loss": rec["task_loss"], "stage4_norm": student.stage4_norm}
+                                                  | spec.loss))
     distiller = ScaleKDDistiller(student, late, loss_cfg).to(device)
     scfg = dict(student.model.pretrained_cfg) | {"input_size": student.input_size}
     data = ViewDataset(reader, _model_input(scfg), _model_input(teacher), spec.targets,

@@ -38,7 +38,13 @@ class ScaleKDDistiller(nn.Module):
         info = late.info
         c3, *hw3 = student.stage3_shape
         c4, *hw4 = student.stage4_shape
-        norm = student_norm(student.model)
+        norm = config.cap_norm or student_norm(student.model)
+        if config.stage4_norm is not None and config.stage4_norm != student.stage4_norm:
+            raise ValueError(
+                f"loss config stage4_norm={config.stage4_norm} but student {type(student.model).__name__} taps stage 4 "
+                f"{'after' if student.stage4_norm else 'before'} its final norm; build the student with "
+                f"stage4_norm={config.stage4_norm}"
+            )
         scale = config.softmax_scale
 
         def cap(cs, hw, ct, thw, heads, trainable):

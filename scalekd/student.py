@@ -4,7 +4,14 @@ A student gives three things per batch: its stage-3 map, its stage-4 map (both (
 students are laid out on their patch grid with CLS/register tokens dropped, by timm) and its
 logits. For hierarchical students (ResNet, MobileNet, ConvNeXt, Swin) stage 3 and 4 are the last
 two of timm's ``feature_info``; for isotropic ones (ViT/DeiT, Mixer) they are the blocks at 3/4
-depth and the last block, as the four "stages" of a 12-block ViT end at blocks 3, 6, 9, 12.
+depth and the last block, as the four "stages" of a 12-block ViT end at blocks 3, 6, 9, 12
+(1-based: the release taps blocks 9 and 12 of ViT/DeiT, RECIPES.md; forward_intermediates indices 8, 11).
+
+Stage 4 after the final norm (``stage4_norm``): the release takes a ViT/DeiT student's block 12 after
+the final LayerNorm and a ConvNeXt's stage 4 after its final LayerNorm, a Mixer's un-normed
+(RECIPES.md, "Common to every config"); that is the default for those classes
+(``default_stage4_norm``). Other students keep the raw last stage (our choice; ResNet and
+MobileNet have no final norm). Stage 3 is never normed.
 """
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-__all__ = ["StudentTaps", "stage_indices", "student_norm", "create_student", "PLAIN_TIMM_EQUIVALENT"]
+__all__ = ["StudentTaps", "stage_indices", "student_norm", "default_stage4_norm", "final_norm", "create_student", "PLAIN_TIMM_EQUIVALENT"]
 
 ISOTROPIC = ("VisionTransformer", "VisionTransformerDistilled", "MlpMixer", "Eva", "Beit")
 
@@ -28,20 +35,58 @@ def stage_indices(model: nn.Module) -> tuple[int, int]:
 
 
 def student_norm(model: nn.Module) -> str:
-    """The CAP's patchify norm for this student: LayerNorm for ConvNeXt-like students, else BatchNorm."""
+    """The CAP's patchify norm by the student's class, our rule (presets' style 'ours' and pairs the
+    release did not publish): LayerNorm for ConvNeXt-like students, else BatchNorm. The release's
+    pairs set it in their preset (LayerNorm2d for Swin-T only)."""
     return "ln" if type(model).__name__ == "ConvNeXt" else "bn"
+
+
+# The classes whose stage-4 map the release takes after the final norm (RECIPES.md).
+STAGE4_NORMED = ("VisionTransformer", "VisionTransformerDistilled", "ConvNeXt")
+
+
+def default_stage4_norm(model: nn.Module) -> bool:
+    """Whether this student's stage-4 tap is taken after its final norm unless told otherwise."""
+    return type(model).__name__ in STAGE4_NORMED
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The student's final norm, the one after its last block/stage (None: it has none).
+
+    ViT/DeiT, Mixer, Swin, EVA, BEiT: ``norm``, or ``fc_norm`` where timm puts the final LayerNorm
+    after the pooling (global_pool='avg'); ConvNeXt: ``norm_pre`` (head_norm_first) or ``head.norm``."""
+    if type(model).__name__ == "ConvNeXt":
+        candidates = (getattr(model, "norm_pre", None), getattr(getattr(model, "head", None), "norm", None))
+    else:
+        candidates = (getattr(model, "norm", None), getattr(model, "fc_norm", None))
+    return next((m for m in candidates if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)), None)
+
+
+def _apply_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A norm over channels on an NCHW map: a ``*2d`` norm takes the map as is, a token norm
+    (LayerNorm over the last dim) takes it channels-last."""
+    if type(norm).__name__.endswith("2d"):
+        return norm(x)
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class StudentTaps(nn.Module):
     """Wraps a timm student: images (B, 3, H, W) → (stage3 map, stage4 map, logits)."""
 
-    def __init__(self, model: nn.Module, input_size: int | tuple[int, int] | None = None):
-        """input_size: the student's input (H, W) or side; default: timm's pretrained_cfg."""
+    def __init__(self, model: nn.Module, input_size: int | tuple[int, int] | None = None,
+                 stage4_norm: bool | None = None):
+        """input_size: the student's input (H, W) or side; default: timm's pretrained_cfg.
+        stage4_norm: tap stage 4 after the student's final norm (True) or raw (False); None: the
+        release's choice for this class (default_stage4_norm). Kept as ``self.stage4_norm``."""
         super().__init__()
         if not hasattr(model, "forward_intermediates"):
             raise ValueError(f"student {type(model).__name__} has no timm forward_intermediates; cannot tap its stages")
         self.model = model
         self.indices = stage_indices(model)
+        self.stage4_norm = default_stage4_norm(model) if stage4_norm is None else bool(stage4_norm)
+        if self.stage4_norm and final_norm(model) is None:
+            raise ValueError(f"stage4_norm: student {type(model).__name__} has no final norm to tap stage 4 after; "
+                             f"set stage4_norm: false")
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         self.input_size = tuple(cfg.get("input_size", (3, 224, 224)))
         if hasattr(model, "patch_embed") and getattr(model.patch_embed, "img_size", None):
@@ -74,6 +119,8 @@ class StudentTaps(nn.Module):
         final, (s3, s4) = self.model.forward_intermediates(
             images, indices=list(self.indices), norm=False, output_fmt="NCHW", intermediates_only=False
         )
+        if self.stage4_norm:  # a norm over channels commutes with the token → map layout
+            s4 = _apply_norm(final_norm(self.model), s4)
         return s3, s4, self.model.forward_head(final)
 
 
@@ -117,14 +164,17 @@ def takes_img_size(name: str, **kwargs) -> bool:
     return "img_size" in inspect.signature(type(model).__init__).parameters
 
 
-def create_student(name: str, num_classes: int, input_size: int | tuple[int, int] | None = None, **kwargs) -> StudentTaps:
+def create_student(name: str, num_classes: int, input_size: int | tuple[int, int] | None = None,
+                   stage4_norm: bool | None = None, **kwargs) -> StudentTaps:
     """A timm student by name with the teacher's number of classes, wrapped with its taps.
+
+    stage4_norm: tap stage 4 after the final norm or not (StudentTaps); None: the release's choice.
 
     input_size: (H, W) or a side the student runs at, instead of timm's default. A family built for one
     input size (ViT, Swin, Mixer: their constructor takes img_size) is built for it, unless kwargs
     already give img_size. The arguments used are kept as ``taps.model_args``."""
     if input_size is not None and "img_size" not in kwargs and takes_img_size(name, num_classes=num_classes, **kwargs):
         kwargs["img_size"] = input_size if isinstance(input_size, int) else tuple(input_size)
-    taps = StudentTaps(timm.create_model(name, num_classes=num_classes, **kwargs), input_size)
+    taps = StudentTaps(timm.create_model(name, num_classes=num_classes, **kwargs), input_size, stage4_norm)
     taps.model_args = dict(kwargs)
     return taps
