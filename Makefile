@@ -32,9 +32,10 @@ test-slow: setup
 cache-teacher: setup
 	$(BIN)/scalekd-pipeline cache-teacher $(JOB)
 
-# The student trainer on the cache that `make cache-teacher` wrote (JOB= for another spec).
+# The student trainer on the cache that `make cache-teacher` wrote (JOB= for another spec); the job's
+# cache is made first when it is missing or unfinished.
 distill: setup
-	$(BIN)/scalekd-pipeline distill $(JOB)
+	$(BIN)/scalekd-pipeline distill $(JOB) --cache-first
 
 # What the demo cache holds, verified, with its spectrum plot.
 inspect: setup

@@ -291,7 +291,7 @@ def _cache_first(job: Path, spec) -> None:
     if done:
         return
     try:
-        run_cache_job(cache_spec, engine="local", log=lambda m: typer.echo(m, err=True))
+        run_cache_job(cache_spec, engine="ray", log=lambda m: typer.echo(m, err=True))  # as cache-teacher runs it
     except (ValueError, FileNotFoundError, DatasetError, CacheConfigError, CacheWriteError, FloatingPointError) as e:
         _runtime_error(e)
 
@@ -322,7 +322,7 @@ def distill(
     teacher_checkpoint: Optional[Path] = typer.Option(None, help="where the teacher checkpoint is now (a copied "
                                                       "cache); its sha256 is checked against the cache's"),
     as_json: bool = typer.Option(False, "--json", help="print where the files are and the last epoch's metrics as JSON"),
-    cache_first: bool = typer.Option(False, help="first run the job's `cache:` section (local engine) when its cache "
+    cache_first: bool = typer.Option(False, help="first run the job's `cache:` section (as cache-teacher) when its cache "
                                                  "is missing or unfinished; nothing is redone when it is complete"),
 ):
     """Train a student from a teacher cache, running only the teacher's late part online (for TPP).
