@@ -271,14 +271,16 @@ def _save_epoch(out: Path, ckpt_path: Path, metrics: list[dict], state: dict) ->
                                    f"again with --resume") from e
 
 
-def _write_job_spec(spec: TrainSpec, rec: dict, path: Path) -> None:
-    """The resolved job spec (command-line overrides applied) as a job YAML that reruns this run."""
+def _write_job_spec(spec: TrainSpec, rec: dict, path: Path, loss: dict | None = None) -> None:
+    """The resolved job spec (command-line overrides applied) as a job YAML that reruns this run, with the
+    recipe and the loss configuration (preset, heads, CAP norm, stage-4 tap) as applied."""
     import yaml
 
     resolved = json.loads(json.dumps(spec.to_dict()))  # tuples → lists: plain YAML
     text = (f"# The resolved job spec of this run (command-line overrides applied); rerun it with\n"
             f"#   scalekd-pipeline distill {path}\n"
             f"# Recipe {spec.recipe!r} as applied: {json.dumps(rec)}\n"
+            + (f"# Loss as applied: {json.dumps(loss)}\n" if loss else "")
             + yaml.safe_dump({"distill": resolved}, sort_keys=False))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -407,7 +409,7 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
     torch.manual_seed(spec.seed)
     reader, data, distiller, online, rec = build_run(spec, device)
     if main:
-        _write_job_spec(spec, rec, out / JOB_SPEC_FILE)
+        _write_job_spec(spec, rec, out / JOB_SPEC_FILE, distiller.config.to_dict())
     title = f"{reader.manifest['teacher']['name']} → {spec.student}"
     channels_last = device.type == "cuda" if spec.channels_last is None else spec.channels_last
     if channels_last:  # the student's and CAPs' convolutions in NHWC (bench/results-step-cuda.json)

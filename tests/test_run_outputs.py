@@ -49,6 +49,9 @@ def test_the_run_folder_holds_the_resolved_job_spec_which_reruns_it(world):
     assert path == Path(world["spec"].output) / "job.yaml"
     assert load_train_spec(path).to_dict() == world["spec"].to_dict()
     assert "# Recipe 'demo' as applied: " in path.read_text() and '"lr": 0.002' in path.read_text()
+    # the loss as applied: the preset's values and the student's stage-4 tap, defaults included
+    loss = json.loads(path.read_text().split("# Loss as applied: ")[1].split("\n")[0])
+    assert loss["stage4_norm"] is False and loss["alpha"] > 0 and loss["heads_stage3"] >= 1
 
 
 def test_the_checkpoint_holds_the_student_the_caps_and_adamws_moments_and_nothing_else(world):
