@@ -102,9 +102,9 @@ _RECIPES: dict[str, dict] = {
                  task_loss="ce", views=VIEWS["T"]),
 }
 # The demo on the release's S views (RandAugment 9/10 + erasing .25) with an EMA of the student, evaluated
-# and exported; at a few hundred steps a decay of 0.99 (a horizon of ~100 steps) makes it more than its
-# initial weights.
-_RECIPES["demo-advanced"] = _RECIPES["demo"] | dict(ema=True, ema_decay=0.99, ema_eval=True, views=VIEWS["S"])
+# and exported. The demo makes 42 steps: at decay 0.99 the EMA still held 0.99^42 = 66 % of the initial
+# weights (measured: 17.5 % top-1 against the raw student's 70.0 %); 0.9 averages the last ~10 steps.
+_RECIPES["demo-advanced"] = _RECIPES["demo"] | dict(ema=True, ema_decay=0.9, ema_eval=True, views=VIEWS["S"])
 
 # Every recipe holds every key, in this order (the docs table's).
 _KEYS = ("opt", "lr", "weight_decay", "no_decay_1d", "no_decay_names", "betas", "eps", "momentum", "max_grad_norm",
