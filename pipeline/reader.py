@@ -114,8 +114,9 @@ class CacheReader:
         self._open[name] = shard  # most recently used last
         return shard
 
-    def read(self, i: int, view: int, roles: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Decoded roles of sample i, view ``view``: {role: float32 array}."""
+    def read(self, i: int, view: int, roles: list[str] | None = None, dtype=np.float32) -> dict[str, np.ndarray]:
+        """Decoded roles of sample i, view ``view``: {role: float32 array}; dtype None: fp16 and fp32 roles
+        as stored (half the bytes to copy and collate; converted exactly where they are used)."""
         if not 0 <= view < self.num_views:
             raise IndexError(f"view {view} out of range: {self.root} holds {self.num_views} views per sample")
         roles = roles or list(self.specs)
@@ -133,13 +134,13 @@ class CacheReader:
             raise ManifestError(f"{self.root / name}: cannot read sample {key!r} (index "
                                 f"{int(self.index.arrays['dataset_index'][i])}), view {view}: {e}") from e
         for r in roles:
-            for field, (shape, dtype) in self.specs[r].fields().items():
+            for field, (shape, stored) in self.specs[r].fields().items():
                 a = fields[field]
-                if tuple(a.shape) != shape or str(a.dtype) != dtype:
+                if tuple(a.shape) != shape or str(a.dtype) != stored:
                     key = self.index.string("key", i)
                     raise ManifestError(f"{self.root / name}: field {field!r} of sample {key!r}, view {view} "
-                                        f"is {a.dtype}{tuple(a.shape)}, but {MANIFEST} declares {dtype}{shape}")
-        return {r: decode(self.specs[r], fields) for r in roles}
+                                        f"is {a.dtype}{tuple(a.shape)}, but {MANIFEST} declares {stored}{shape}")
+        return {r: decode(self.specs[r], fields, dtype) for r in roles}
 
     def close(self) -> None:
         for shard in self._open.values():

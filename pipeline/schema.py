@@ -115,10 +115,14 @@ def encode(spec: RoleSpec, x: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def decode(spec: RoleSpec, fields: dict[str, np.ndarray]) -> np.ndarray:
-    """{field: array} → float32 (..., *spec.shape)."""
+def decode(spec: RoleSpec, fields: dict[str, np.ndarray], dtype=np.float32) -> np.ndarray:
+    """{field: array} → float32 (..., *spec.shape). dtype None: an fp16 or fp32 role as stored (exact: the
+    float32 of an fp16 value is exact, so a consumer may convert later, e.g. on its GPU), others float32."""
     if spec.codec in ("fp32", "fp16"):
-        return np.array(fields[spec.name], dtype=np.float32)  # a writable copy (stores read into read-only buffers)
+        a = fields[spec.name]
+        if dtype is None:
+            return a if a.flags.writeable else a.copy()
+        return np.array(a, dtype=dtype)  # a writable copy
     n = spec.name
     x = fields[f"{n}_q"].astype(np.float32) * fields[f"{n}_scale"]
     if spec.codec == "int8dc":

@@ -84,7 +84,8 @@ class ViewDataset(Dataset):
                 if self.targets == "online":
                     item["teacher_image"] = model_input(pixels, params, t.mean, t.std, mode)
             if self.targets == "cache":
-                stored = self.reader.read(i, view, ["final", "logits"])
+                # as stored (fp16 by default): the trainer converts them to float32 on its device, exactly
+                stored = self.reader.read(i, view, ["final", "logits"], dtype=None)
                 item["final"] = torch.from_numpy(stored["final"])
                 item["logits"] = torch.from_numpy(stored["logits"])
             return item

@@ -565,3 +565,19 @@ def test_the_recipes_drop_path_rate_reaches_the_student_unless_student_kwargs_se
     _, _, d, _, _ = build_run(_spec(world, cache, tmp_path / "r", student_kwargs={"drop_path_rate": 0.2}, **kw),
                               torch.device("cpu"))
     assert d.student.model_args["drop_path_rate"] == 0.2
+
+
+@pytest.mark.parametrize("codec,dtype", [("fp16", torch.float16), ("fp32", torch.float32)])
+def test_the_loader_hands_targets_as_stored_and_they_convert_exactly(world, tmp_path, codec, dtype):
+    """Half the bytes to copy, collate and pin for an fp16 cache; the trainer's .float() on its device
+    gives exactly the float32 the reader decodes."""
+    cache = world["caches"][("webdataset", codec)]
+    _, data, _, _, _ = build_run(_spec(world, cache, tmp_path / "r"), torch.device("cpu"))
+    reader = CacheReader(cache)
+    for i in (0, 3):
+        item = data[i]
+        assert item["final"].dtype == dtype and item["logits"].dtype == dtype
+        stored = reader.read(i, 0)  # float32 by default, whatever the store holds
+        assert stored["final"].dtype == np.float32 and stored["logits"].dtype == np.float32
+        assert torch.equal(item["final"].float(), torch.from_numpy(stored["final"]))
+        assert torch.equal(item["logits"].float(), torch.from_numpy(stored["logits"]))

@@ -145,12 +145,17 @@ class TarShard:
                     raise ValueError(f"{where} is cut short ({len(payload)} of {size} bytes)")
                 if zlib.crc32(payload) != crc:
                     raise ValueError(f"{where} fails its crc32 (the tar is damaged; run inspect-shards --verify)")
-                payload = _ZSTD.decode(payload)
                 header = self.headers[field]
-                if payload.startswith(header) and len(payload) - len(header) == int(np.prod(shape)) * np.dtype(dtype).itemsize:
-                    out[field] = np.frombuffer(payload, dtype, offset=len(header)).reshape(shape)
-                else:  # written by another numpy (other header padding): parse it
-                    out[field] = np.load(io.BytesIO(bytes(payload)), allow_pickle=False)
+                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                decoded = bytearray(len(header) + nbytes)  # decoded in place: a writable array, no copy
+                try:
+                    _ZSTD.decode(payload, out=decoded)
+                except RuntimeError:  # not of that size: written by another numpy (other header padding)
+                    decoded = None
+                if decoded is not None and decoded.startswith(header):
+                    out[field] = np.frombuffer(decoded, dtype, offset=len(header)).reshape(shape)
+                else:
+                    out[field] = np.load(io.BytesIO(bytes(_ZSTD.decode(payload))), allow_pickle=False)
         return out
 
     def close(self) -> None:

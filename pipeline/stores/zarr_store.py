@@ -118,7 +118,9 @@ class _FieldFile:
         data = os.pread(self.fd, size, offset)
         if len(data) != size:
             raise ValueError(f"{self.path}: chunk ({row}, {view}) is cut short ({len(data)} of {size} bytes)")
-        return np.frombuffer(_ZSTD.decode(data), self.dtype).reshape(self.shape)
+        out = np.empty(self.shape, self.dtype)  # decoded in place: a writable array, no copy
+        _ZSTD.decode(data, out=out)
+        return out
 
     def close(self) -> None:
         if self.fd is not None:
