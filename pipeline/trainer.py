@@ -525,6 +525,8 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         seconds = time.perf_counter() - t0
         if world:  # running BN statistics: DDP copies rank 0's buffers before each forward; their mean, as timm's train.py
             timm.utils.distribute_bn(trainable, world.size, reduce=True)
+            if ema is not None:  # the EMA's buffers too (timm's train.py): one exported, evaluated EMA on every rank
+                timm.utils.distribute_bn(ema.module, world.size, reduce=True)
         val = evaluate(distiller.student.model, spec.val, device, distiller.student.input_size, world=world,
                        workers=spec.workers, progress=progress, desc=f"validation {epoch + 1}/{rec['epochs']}")
         # epochs counted from 1, as on the console and the plot; lr: the first and last step's

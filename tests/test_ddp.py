@@ -162,6 +162,7 @@ report["stopped"] = train(TrainSpec(**specs["resumed"]), stop_after_steps=4, **q
 report["resumed"] = train(TrainSpec(**specs["resumed"]), resume=True, **quiet)["rank"]
 train(TrainSpec(**specs["skipping"]), **quiet)
 train(TrainSpec(**specs["bn"]), **quiet)
+train(TrainSpec(**specs["ema"]), **quiet)
 original = distributed.GlobalBatchSlices
 class SameSlice(original):  # the bug the sampler exists to prevent: every rank reads rank 0's samples
     def __init__(self, order, global_batch, rank, world_size):
@@ -184,6 +185,9 @@ def runs(world):
         "skipping": spec | {"cache": str(root / "cache-bad"), "on_corrupt": "skip", "output": str(root / "skipping")},
         "bn": spec | {"student": "test_resnet", "loss": {}, "epochs": 1, "val": {"kind": "imagefolder", "root": str(world["data"])},
                       "output": str(root / "bn")},
+        "ema": spec | {"student": "test_resnet", "loss": {}, "epochs": 1, "recipe": "demo-advanced", "lr": 0.002,
+                       "check_views": False, "val": {"kind": "imagefolder", "root": str(world["data"])},
+                       "output": str(root / "ema")},
         "same_samples": spec | {"output": str(root / "same")},
         "report": str(root / "report"),
     }
@@ -238,6 +242,30 @@ def test_a_batchnorm_student_trains_on_two_processes_and_its_ranks_agree(world, 
     with _one_thread():
         alone = evaluate(model, spec["val"], torch.device("cpu"), (3, 64, 64))
     assert record["val"] == alone and alone["images"] == 12
+
+
+def test_an_ema_of_a_batchnorm_student_on_two_processes_is_one_model_evaluated_and_exported(world, runs):
+    """The EMA's BN statistics are averaged over the ranks with the student's: its shared validation is
+    that of the EMA rank 0 exports."""
+    import timm
+    from safetensors.torch import load_file
+
+    spec = runs["specs"]["ema"]
+    (record,) = _metrics(spec["output"])
+    state = torch.load(Path(spec["output"]) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    weights = load_file(str(Path(spec["output"]) / "student.safetensors"))
+    assert weights.keys() == state["ema"].keys() and all(torch.equal(weights[k], state["ema"][k]) for k in weights)
+    raw = state["trainable"]
+    assert any(not torch.equal(weights[k], raw[f"student.model.{k}"]) for k in weights if weights[k].is_floating_point())
+    # buffers are copied, not averaged, into the EMA (as the release's): after the epoch's mean over the ranks
+    # they are the raw student's mean, not rank 0's own
+    running = [k for k in weights if k.endswith(("running_mean", "running_var"))]
+    assert running and all(torch.equal(weights[k], raw[f"student.model.{k}"]) for k in running)
+    model = timm.create_model(spec["student"], num_classes=10)
+    model.load_state_dict(weights)
+    with _one_thread():
+        alone = evaluate(model, spec["val"], torch.device("cpu"), (3, 64, 64))
+    assert record["val_ema"] == alone and alone["images"] == 12
 
 
 def test_ranks_that_read_the_same_samples_do_not_give_the_single_process_student(world, runs):
