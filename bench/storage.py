@@ -2,6 +2,12 @@
 both F and φ(F). The demo teacher (ImageNet EfficientNet-Lite0) on the demo's real photos.
 
     .venv/bin/python bench/storage.py [--views 64] [--json out.json]     (bench/storage-demo.json: 64 views)
+    .venv/bin/python bench/storage.py --swin-l-shaped --json bench/storage-swinl-shaped.json
+
+--swin-l-shaped: the paper's Swin-L shapes instead (final 49×1536, mid 196×768, logits 1000) from a
+Swin-L with one block per stage and random weights on the same photos (no pretrained Swin-L here):
+its features compress differently from a trained one's, but tar's framing is fixed bytes, so the
+stores' relative difference at this size is what it measures.
 
 Each view is compressed on its own (as one zarr chunk is), with numcodecs' Zstd and Blosc.
 Then the two stores themselves: the same features written as a zarr and as a webdataset shard for
@@ -28,15 +34,21 @@ from pipeline.schema import CODECS, RoleSpec, decode, encode
 from pipeline.stores import STORES
 
 
-def real_features(n_views: int) -> dict[str, np.ndarray]:
+SWIN_L_SHAPED = {"name": "swin_large_patch4_window7_224", "seed": 0, "kwargs": {"depths": [1, 1, 1, 1]}}
+
+
+def real_features(n_views: int, teacher: dict | None = None) -> dict[str, np.ndarray]:
     spec = load_cache_spec("jobs/demo.yaml")
+    if teacher is not None:
+        spec.teacher = teacher
     refs, _, _ = list_dataset(spec.dataset)
     info = teacher_info_for(spec.teacher)
     step = max(1, len(refs) * spec.views.per_image // n_views)
     picked = refs[:: step][: -(-n_views // spec.views.per_image)]
     task = {"shard": 0, "start": 0, "end": len(picked), "refs": json.dumps([asdict(r) for r in picked])}
     row = render_views(task, spec.views, tuple(info.input_size[1:]), info.interpolation, data_root="/")
-    row = TeacherForward(spec.teacher, resolve_checkpoint(spec.teacher), ["final", "mid", "logits"], 32)(row)
+    ckpt = resolve_checkpoint(spec.teacher) if teacher is None else None
+    row = TeacherForward(spec.teacher, ckpt, ["final", "mid", "logits"], 32)(row)
     return {r: row[r].reshape(-1, *row[r].shape[2:])[:n_views] for r in ("final", "mid", "logits")}
 
 
@@ -138,9 +150,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--views", type=int, default=64)
     p.add_argument("--json")
+    p.add_argument("--swin-l-shaped", action="store_true", help="the paper's Swin-L shapes (random weights)")
     a = p.parse_args(argv)
-    features = real_features(a.views)
+    features = real_features(a.views, SWIN_L_SHAPED if a.swin_l_shaped else None)
     result = study(features) | {"stores": stores(features)} | {"views": a.views}
+    if a.swin_l_shaped:
+        result["teacher"] = SWIN_L_SHAPED
     text = json.dumps(result, indent=1)
     if a.json:
         open(a.json, "w").write(text)

@@ -448,7 +448,7 @@ def _manifest_header(spec, info, ckpt, sha, specs, config, listed, classes, data
         "dataset": {"spec": spec.dataset, "root": str(data_root), "relative_spec": relative_spec(spec.dataset, data_root),
                     "listed": listed, "classes": classes},
         "roles": {name: s.to_dict() | {"compressor": f"zstd(level={spec.compression_level}, checksum)"
-                                       + ("" if spec.format == "zarr" else " over each .npy entry (.npy.zst), crc32 of the "
+                                       + ("" if spec.format == "zarr" else " over each role's .npy files (.npy.zst), crc32 of the "
                                                                           "stored bytes in entries.npy")}
                   for name, s in specs.items()},
         "layout": LAYOUT[spec.format] | LAYOUT["roles"] | {"index": COLUMNS_DOC},

@@ -158,13 +158,15 @@ def _check_schema(root: Path, record: dict, m: dict) -> list[str]:
             except (OSError, ValueError) as e:
                 problems.append(f"{record['name']}/{ENTRIES}: unreadable ({e})")
                 break
+            # one entry per role; caches written before: one per field
             fields = [f for role in m["roles"].values() for f in role["fields"]]
+            units = list(m["roles"]) if entries.ndim == 4 and entries.shape[2] == len(m["roles"]) else fields
             for row, index_ in enumerate(indices):
-                for j, field in enumerate(fields):
-                    name = member_name(index_, field)
+                for j, unit in enumerate(units):
+                    name = member_name(index_, unit)
                     if name not in members:
                         problems.append(f"{record['name']}/v{view}.tar: entry {name} missing")
-                    elif entries.shape[:3] != (k, n, len(fields)) or entries[view, row, j, 0] != members[name]:
+                    elif entries.shape[:3] != (k, n, len(units)) or entries[view, row, j, 0] != members[name]:
                         problems.append(f"{record['name']}/{ENTRIES}: the offset of {name} in v{view}.tar is not "
                                         f"where the tar holds it")
     return problems

@@ -44,10 +44,11 @@ LAYOUT = {
     "zarr": {"shard": "shard-NNNNN/ is a zarr v3 group (shard.json and index/ beside its arrays); array <field> has "
                       "shape (samples, views, *field shape) and chunk (1, 1, *field shape): one chunk per view"},
     "webdataset": {"shard": "shard-NNNNN/v<k>.tar holds view k of every sample of the shard: s<index>.json "
-                            "(key, label, view, fingerprint) and s<index>.<field>.npy.zst, the field's .npy file as one "
-                            "zstd frame (with its content checksum); entries.npy (views, samples, fields, 3) int64 "
-                            "holds each .npy.zst entry's data offset, size and crc32 of its stored (compressed) bytes "
-                            "(fields in the order of roles, then each role's fields); shard.json and index/ beside them"},
+                            "(key, label, view, fingerprint) and s<index>.<role>.npy.zst, the role's fields' .npy files "
+                            "back to back (in the order of the role's fields) as one zstd frame (with its content "
+                            "checksum); entries.npy (views, samples, roles, 3) int64 holds each .npy.zst entry's data "
+                            "offset, size and crc32 of its stored (compressed) bytes (roles in the manifest's order); "
+                            "shard.json and index/ beside them"},
     "roles": {
         "final": "teacher tokens (N, C) on teacher.final_hw, row-major, CLS/register tokens dropped; the DC-removed "
                  "view is final minus its mean over tokens (per channel), not stored",

@@ -221,7 +221,7 @@ def test_webdataset_tars_hold_only_zstd_npy_and_json(base):
 
 def test_webdataset_manifest_names_the_compressor_it_uses(base):
     m = manifest(base.wds.root)
-    assert all(r["compressor"].startswith("zstd(level=3, checksum) over each .npy entry") for r in m["roles"].values())
+    assert all(r["compressor"].startswith("zstd(level=3, checksum) over each role's .npy files") for r in m["roles"].values())
     assert ".npy.zst" in m["layout"]["shard"]
 
 

@@ -73,13 +73,68 @@ def test_webdataset_is_zarr_plus_tar_framing_only(tmp_path, codec):
     for fmt in STORES:
         folder, specs, n, k = _shard(tmp_path, fmt, codec)
         sizes[fmt] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    entries = n * k * sum(len(s.fields()) for s in specs.values())
+    entries = n * k * len(specs)  # one per role: an int8 role's fields share it
+    headers = n * k * sum(len(s.fields()) for s in specs.values())
     json_bytes = 0
     for tar_path in (tmp_path / "webdataset" / codec).glob("v*.tar"):
         with tarfile.open(tar_path) as tar:
             json_bytes += sum(1024 + m.size for m in tar.getmembers() if m.name.endswith(".json"))
-    allowance = entries * (1024 + 140) + json_bytes + k * 10240 + (tmp_path / "webdataset" / codec / "entries.npy").stat().st_size
+    allowance = (entries * 1024 + headers * 140 + json_bytes + k * 10240
+                 + (tmp_path / "webdataset" / codec / "entries.npy").stat().st_size)
     assert sizes["zarr"] < sizes["webdataset"] <= sizes["zarr"] + allowance, sizes
+
+
+@pytest.mark.parametrize("codec", ["int8", "int8dc"])
+def test_a_roles_fields_are_one_entry_which_the_plain_handler_gives_back_in_order(tmp_path, codec):
+    import tarfile
+
+    from pipeline.stores.wds_store import npy_zst, open_shard
+
+    folder, specs, n, k = _shard(tmp_path, "webdataset", codec)
+    with tarfile.open(folder / "v1.tar") as tar:
+        names = tar.getnames()
+        got = npy_zst(tar.extractfile("s00000003.final.npy.zst").read())
+    assert names[:3] == ["s00000000.json", "s00000000.final.npy.zst", "s00000000.logits.npy.zst"]
+    assert len(names) == 3 * n
+    stored = open_shard(folder, specs).read(3, 1)
+    assert isinstance(got, tuple) and len(got) == len(specs["final"].fields())
+    for field, array in zip(specs["final"].fields(), got):
+        np.testing.assert_array_equal(array, stored[field])
+
+
+def test_a_shard_written_with_an_entry_per_field_still_reads(tmp_path):
+    """Caches made when every field had its own entry (entries.npy with a column per field)."""
+    import json
+    import tarfile
+    import zlib
+
+    from numcodecs import Zstd
+
+    from pipeline.stores.wds_store import _add, _npy, field_order, open_shard
+
+    folder, specs, n, k = _shard(tmp_path, "webdataset", "int8dc")
+    new = open_shard(folder, specs)
+    expected = [[new.read(i, v) for v in range(k)] for i in range(n)]
+    old = tmp_path / "old"
+    old.mkdir()
+    order = field_order(specs)
+    entries = np.zeros((k, n, len(order), 3), np.int64)
+    for v in range(k):
+        with tarfile.open(old / f"v{v}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(n):
+                _add(tar, f"s{i:08d}.json", json.dumps({"key": f"c/{i}"}).encode())
+                for j, (field, _, _) in enumerate(order):
+                    payload = bytes(Zstd(level=3, checksum=True).encode(_npy(expected[i][v][field])))
+                    entries[v, i, j] = (_add(tar, f"s{i:08d}.{field}.npy.zst", payload), len(payload), zlib.crc32(payload))
+    np.save(old / "entries.npy", entries)
+    shard = open_shard(old, specs)
+    assert not shard.per_role
+    for i in range(n):
+        for v in range(k):
+            got = shard.read(i, v)
+            assert got.keys() == expected[i][v].keys()
+            for field in got:
+                np.testing.assert_array_equal(got[field], expected[i][v][field])
 
 
 def test_webdataset_entries_are_compressed(tmp_path):

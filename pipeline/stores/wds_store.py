@@ -3,14 +3,18 @@
 An epoch that uses view k reads only the v{k}.tar files, streamed in order by plain webdataset
 (``webdataset.WebDataset("cache/shard-{00000..00099}/v0.tar")``) or by index, as our reader does.
 Each sample of a tar: ``s<index>.json`` (key, label, view parameters, fingerprint) and one
-``s<index>.<field>.npy.zst`` per stored field: the field's .npy file compressed by zstd (numcodecs'
-Zstd, zarr's codec, at the job's ``compression_level``, with zstd's content checksum), one
-self-contained zstd frame per entry, so the same cache is about as large here as in zarr. Only
-.npy.zst and .json entries exist; nothing is pickled. Plain webdataset streams a view's tars with
-one decoder handler for the .npy.zst entries (``npy_zst`` below; docs/cache-format.md).
-``entries.npy`` beside the tars records every .npy.zst entry's data offset, size and crc32 (of the
-stored, compressed bytes) at commit time, so a read is one pread and one zstd decode per field with
-no tar header parsed, and every read is checked.
+``s<index>.<role>.npy.zst`` per stored role: the role's fields as .npy files back to back (one for
+fp32/fp16, e.g. ``final``; ``final_q``, ``final_scale`` (, ``final_dc``) for the int8 codecs, in the
+manifest's order), compressed by zstd (numcodecs' Zstd, zarr's codec, at the job's
+``compression_level``, with zstd's content checksum) as one self-contained frame, so the same cache is
+about as large here as in zarr: tar's framing (a 512-byte header and padding per entry) is paid once
+per role, not per field. Only .npy.zst and .json entries exist; nothing is pickled. Plain webdataset
+streams a view's tars with one decoder handler for the .npy.zst entries (``npy_zst`` below;
+docs/cache-format.md). ``entries.npy`` beside the tars records every .npy.zst entry's data offset,
+size and crc32 (of the stored, compressed bytes) at commit time, so a read is one pread and one zstd
+decode per role with no tar header parsed, and every read is checked. (Caches written when each
+field had its own entry, ``s<index>.<field>.npy.zst``, are read as they are: their entries table has
+one column per field.)
 
 Written with the standard tarfile module rather than webdataset's TarWriter: headers are stamped
 with mtime 0 and a fixed owner, so re-running a shard gives byte-identical files and checksums.
@@ -36,17 +40,22 @@ __all__ = ["write_shard", "open_shard", "member_name", "missing_entries", "ENTRI
 EXTENSION = "npy.zst"
 
 
-def member_name(index: int, field: str) -> str:
-    return f"s{index:08d}.{field}.{EXTENSION}"
+def member_name(index: int, role: str) -> str:
+    return f"s{index:08d}.{role}.{EXTENSION}"
 
 
-ENTRIES = "entries.npy"  # int64 (K, n, fields, 3): data offset, size and crc32 of every .npy.zst entry
+ENTRIES = "entries.npy"  # int64 (K, n, roles, 3): data offset, size and crc32 of every .npy.zst entry
 _ZSTD = Zstd()  # decoding needs no level
 
 
-def npy_zst(data: bytes) -> np.ndarray:
-    """One .npy.zst entry's bytes → its array (what a plain-webdataset user's handler does)."""
-    return np.load(io.BytesIO(_ZSTD.decode(data)), allow_pickle=False)
+def npy_zst(data: bytes) -> np.ndarray | tuple[np.ndarray, ...]:
+    """One .npy.zst entry's bytes → its array, or its arrays in order when the role has several fields
+    (what a plain-webdataset user's handler does)."""
+    f = io.BytesIO(_ZSTD.decode(data))
+    arrays = []
+    while f.tell() < len(f.getbuffer()):
+        arrays.append(np.load(f, allow_pickle=False))
+    return arrays[0] if len(arrays) == 1 else tuple(arrays)
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> int:
@@ -65,7 +74,7 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def field_order(specs: dict[str, RoleSpec]) -> list[tuple[str, tuple[int, ...], str]]:
-    """(field, shape, dtype) in the order of the entries table's third axis."""
+    """(field, shape, dtype) of every role, in the manifest's order (a role's entry holds its fields so)."""
     return [(f, shape, dtype) for spec in specs.values() for f, (shape, dtype) in spec.fields().items()]
 
 
@@ -74,13 +83,13 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
     """workers: threads compressing the entries (pipeline.encoding); the tars are the same at any count."""
     folder.mkdir(parents=True, exist_ok=True)
     codec = Zstd(level=level, checksum=True)
-    order = field_order(specs)
-    entries = np.zeros((num_views, len(samples), len(order), 3), np.int64)
+    roles = list(specs)
+    entries = np.zeros((num_views, len(samples), len(roles), 3), np.int64)
     for view in range(num_views):  # one view's entries compressed at a time: memory holds one tar's worth
 
-        def compress(rows: slice, view: int = view) -> list[bytes]:  # every field of each row, in the tar's order
-            return [bytes(codec.encode(_npy(fields[field][row, view]))) for row in range(len(samples))[rows]
-                    for field, _, _ in order]
+        def compress(rows: slice, view: int = view) -> list[bytes]:  # every role of each row, in the tar's order
+            return [bytes(codec.encode(b"".join(_npy(fields[f][row, view]) for f in specs[r].fields())))
+                    for row in range(len(samples))[rows] for r in roles]
 
         payloads = iter([p for part in map_ordered(compress, slices(len(samples), workers), workers) for p in part])
         with tarfile.open(folder / f"v{view}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -88,9 +97,9 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
                 meta = {"key": s["key"], "label": s["label"], "index": s["index"], "view_index": view,
                         "view": s["views"][view], "fingerprint": s["fingerprints"][view]}
                 _add(tar, f"s{s['index']:08d}.json", json.dumps(meta).encode())
-                for j, (field, _, _) in enumerate(order):
+                for j, role in enumerate(roles):
                     payload = next(payloads)
-                    offset = _add(tar, member_name(s["index"], field), payload)
+                    offset = _add(tar, member_name(s["index"], role), payload)
                     entries[view, row, j] = (offset, len(payload), zlib.crc32(payload))
     np.save(folder / ENTRIES, entries, allow_pickle=False)
 
@@ -106,27 +115,32 @@ def missing_entries(folder: Path, specs: dict[str, RoleSpec], samples: list[dict
             missing.append(f"v{view}.tar")
             continue
         wanted = [f"s{s['index']:08d}.json" for s in samples]
-        wanted += [member_name(s["index"], f) for s in samples for spec in specs.values() for f in spec.fields()]
+        wanted += [member_name(s["index"], r) for s in samples for r in specs]
         missing += [f"v{view}.tar:{n}" for n in wanted if n not in names]
     return missing
 
 
 class TarShard:
     """A committed shard's tars, read by the offsets recorded at commit: one pread and one zstd
-    decode per field, its crc32 checked on every read (a flipped byte is an error, not a wrong
+    decode per role, its crc32 checked on every read (a flipped byte is an error, not a wrong
     target; zstd's own checksum then guards the decoded bytes)."""
 
     def __init__(self, folder: Path, specs: dict[str, RoleSpec], meta: dict | None = None):
         self.folder, self.specs = Path(folder), specs
         self.order = field_order(specs)
-        self.column = {f: j for j, (f, _, _) in enumerate(self.order)}
         self.entries = np.load(self.folder / ENTRIES, allow_pickle=False)
-        if self.entries.ndim != 4 or self.entries.shape[2:] != (len(self.order), 3):
+        # An entry per role (its fields back to back), or, in caches written before, an entry per field.
+        self.per_role = self.entries.ndim == 4 and self.entries.shape[2:] == (len(specs), 3)
+        units = [[f] for f, _, _ in self.order] if not self.per_role else [list(s.fields()) for s in specs.values()]
+        if self.entries.ndim != 4 or self.entries.shape[2:] != (len(units), 3):
             raise ValueError(f"{self.folder / ENTRIES}: shape {self.entries.shape}, expected (views, samples, "
-                             f"{len(self.order)}, 3)")
+                             f"{len(specs)}, 3)")
+        self.column = {f: j for j, unit in enumerate(units) for f in unit}
+        self.units = units
         # The .npy header of each field, as written: a read compares bytes instead of parsing it.
-        self.headers = {f: _npy(np.zeros(shape, dtype))[: -int(np.prod(shape)) * np.dtype(dtype).itemsize or None]
-                        for f, shape, dtype in self.order}
+        self.layout = {f: (shape, dtype, _npy(np.zeros(shape, dtype))[: -int(np.prod(shape)) * np.dtype(dtype).itemsize
+                                                                     or None])
+                       for f, shape, dtype in self.order}
         self._fds: dict[int, int] = {}
 
     def _fd(self, view: int) -> int:
@@ -136,26 +150,31 @@ class TarShard:
 
     def read(self, row: int, view: int, roles=None) -> dict[str, np.ndarray]:
         out, fd = {}, self._fd(view)
-        for name in roles or self.specs:
-            for field, (shape, dtype) in self.specs[name].fields().items():
-                offset, size, crc = (int(v) for v in self.entries[view, row, self.column[field]])
-                payload = os.pread(fd, size, offset)
-                where = f"{self.folder / f'v{view}.tar'}: entry {field} of row {row}"
-                if len(payload) != size:
-                    raise ValueError(f"{where} is cut short ({len(payload)} of {size} bytes)")
-                if zlib.crc32(payload) != crc:
-                    raise ValueError(f"{where} fails its crc32 (the tar is damaged; run inspect-shards --verify)")
-                header = self.headers[field]
-                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-                decoded = bytearray(len(header) + nbytes)  # decoded in place: a writable array, no copy
-                try:
-                    _ZSTD.decode(payload, out=decoded)
-                except RuntimeError:  # not of that size: written by another numpy (other header padding)
-                    decoded = None
-                if decoded is not None and decoded.startswith(header):
-                    out[field] = np.frombuffer(decoded, dtype, offset=len(header)).reshape(shape)
-                else:
-                    out[field] = np.load(io.BytesIO(bytes(_ZSTD.decode(payload))), allow_pickle=False)
+        wanted = [f for name in roles or self.specs for f in self.specs[name].fields()]
+        for unit in [u for u in self.units if u[0] in wanted]:
+            offset, size, crc = (int(v) for v in self.entries[view, row, self.column[unit[0]]])
+            payload = os.pread(fd, size, offset)
+            where = f"{self.folder / f'v{view}.tar'}: entry {'+'.join(unit)} of row {row}"
+            if len(payload) != size:
+                raise ValueError(f"{where} is cut short ({len(payload)} of {size} bytes)")
+            if zlib.crc32(payload) != crc:
+                raise ValueError(f"{where} fails its crc32 (the tar is damaged; run inspect-shards --verify)")
+            spans = [(f, *self.layout[f]) for f in unit]
+            decoded = bytearray(sum(len(h) + int(np.prod(s)) * np.dtype(d).itemsize for _, s, d, h in spans))
+            try:  # decoded in place: writable arrays, no copy
+                _ZSTD.decode(payload, out=decoded)
+            except RuntimeError:  # not of that size: written by another numpy (other header padding)
+                decoded = None
+            at, fast = 0, decoded is not None
+            for f, shape, dtype, header in spans:
+                if not fast or decoded[at:at + len(header)] != header:
+                    fast = False
+                    break
+                out[f] = np.frombuffer(decoded, dtype, count=int(np.prod(shape)), offset=at + len(header)).reshape(shape)
+                at += len(header) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if not fast:
+                arrays = npy_zst(payload)
+                out.update(zip(unit, arrays if isinstance(arrays, tuple) else (arrays,)))
         return out
 
     def close(self) -> None:
