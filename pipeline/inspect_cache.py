@@ -22,6 +22,20 @@ def _view_indices(reader: CacheReader, n: int) -> list[tuple[int, int]]:
     return [(int(p) // reader.num_views, int(p) % reader.num_views) for p in picks]
 
 
+def _view_ops(views: dict) -> str:
+    """The views' operations in order, as the job spec set them (pipeline/views.py)."""
+    ops = [f"crop scale {list(views.get('scale', []))} ratio {[round(r, 4) for r in views.get('ratio', [])]}",
+           f"flip {views.get('flip')}"]
+    if views.get("rand_augment"):
+        ops.append(f"RandAugment {views['rand_augment']}")
+    if views.get("color_jitter"):
+        ops.append(f"colour jitter {views['color_jitter']}")
+    if views.get("erasing"):
+        ops.append(f"erasing {views['erasing']} ({views.get('erasing_mode', 'pixel')}, up to "
+                   f"{views.get('erasing_count', 1)} box)")
+    return " → ".join(ops)
+
+
 def describe(root: str | Path, energy_views: int = 64) -> dict:
     """The table inspect-shards prints: format, teacher, counts, roles, bytes, compression ratio (raw fp32
     bytes / bytes on disk, as in cache-teacher's summary), DC energy."""
@@ -42,8 +56,8 @@ def describe(root: str | Path, energy_views: int = 64) -> dict:
         "teacher": t["name"], "checkpoint_sha256": t.get("checkpoint_sha256"), "split_point": t["split_point"],
         "teacher_precision": t.get("precision", "fp32"),  # caches from before the setting were made in fp32
         "teacher_input": f"{t['input_size'][1]}x{t['input_size'][2]} {t['interpolation']} mean={t['mean']} std={t['std']}",
-        "samples": m["num_samples"], "views_per_sample": m["num_views"], "views": views,
-        "shards": len(m["shards"]), "shards_expected": m.get("num_shards_expected"), "roles": roles,
+        "samples": m["num_samples"], "views_per_sample": m["num_views"], "view_ops": _view_ops(m["views"]),
+        "views": views, "shards": len(m["shards"]), "shards_expected": m.get("num_shards_expected"), "roles": roles,
         "bytes_on_disk": stored, "bytes_per_view": round(stored / views, 1) if views else None,
         "compression_ratio": round(raw_total / stored, 3) if stored else None,  # raw fp32 bytes / bytes on disk
         "skipped": len(m["skipped"]), "skipped_reasons": _reasons(m["skipped"]),

@@ -236,6 +236,11 @@ def test_an_augmented_cache_recomputes_with_no_mismatch(augmented):
     assert tuple(m["views"]["fields"]) == view_fields(augmented["views"])
     rows = [ViewParams.from_array(r, m["views"]["fields"]) for i in range(len(reader)) for r in reader.views(i)]
     assert any(v.erase for v in rows) and any(op.applied for v in rows for op in v.ops)
+    from pipeline.inspect_cache import describe
+
+    assert describe(augmented["cache"])["view_ops"] == (
+        "crop scale [0.25, 1.0] ratio [0.75, 1.3333] → flip 0.5 → RandAugment rand-m9-mstd0.5-inc1 → colour jitter "
+        "0.3 → erasing 0.6 (pixel, up to 1 box)")
     report = recompute(augmented["cache"], n=8)
     assert report["views_checked"] == 8 and report["fingerprint_mismatches"] == []
     assert max(report["max_rel_l2"].values()) < 1e-5
