@@ -440,7 +440,14 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         read = lambda: _read_checkpoint(ckpt_path, spec)  # noqa: E731
         state = world.from_main(read) if world else read()
         if state is not None:
-            trainable.load_state_dict(state["trainable"])
+            try:
+                trainable.load_state_dict(state["trainable"])
+            except RuntimeError as e:  # the same spec, other modules: made by a build with other loss presets
+                first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+                raise ValueError(f"checkpoint {ckpt_path} holds other student/CAP modules than this run builds "
+                                 f"({first}): it was made with other loss presets (CAP heads or norm; before the "
+                                 f"release's per-pair presets, add `loss: {{style: ours, stage4_norm: false}}` to "
+                                 f"the distill section to resume it) or start a new output folder") from None
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             if ema is not None:

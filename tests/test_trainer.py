@@ -581,3 +581,16 @@ def test_the_loader_hands_targets_as_stored_and_they_convert_exactly(world, tmp_
         assert stored["final"].dtype == np.float32 and stored["logits"].dtype == np.float32
         assert torch.equal(item["final"].float(), torch.from_numpy(stored["final"]))
         assert torch.equal(item["logits"].float(), torch.from_numpy(stored["logits"]))
+
+
+def test_resuming_a_checkpoint_of_other_cap_modules_is_refused_with_how_to_proceed(world, tmp_path, monkeypatch):
+    """A run made before the per-pair presets (another CAP norm or heads) under the same spec."""
+    import pipeline.trainer as trainer_module
+
+    cache = world["caches"][("zarr", "fp16")]
+    spec = _spec(world, cache, tmp_path / "run", epochs=2)
+    train(spec, progress=False, log=lambda m: None, stop_after_steps=len(CacheReader(cache)) // 4 + 1)  # epoch 1 saved
+    real = trainer_module.preset
+    monkeypatch.setattr(trainer_module, "preset", lambda *a, **k: real(*a, **k | {"cap_norm": "ln"}))
+    with pytest.raises(ValueError, match=r"holds other student/CAP modules than this run builds .*style: ours"):
+        train(spec, resume=True, progress=False, log=lambda m: None)
