@@ -594,3 +594,38 @@ def test_resuming_a_checkpoint_of_other_cap_modules_is_refused_with_how_to_proce
     monkeypatch.setattr(trainer_module, "preset", lambda *a, **k: real(*a, **k | {"cap_norm": "ln"}))
     with pytest.raises(ValueError, match=r"holds other student/CAP modules than this run builds .*style: ours"):
         train(spec, resume=True, progress=False, log=lambda m: None)
+
+
+def test_distill_cache_first_makes_a_missing_cache_then_trains_and_leaves_a_complete_one_alone(world, tmp_path,
+                                                                                               monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    import pipeline.cache_job as cache_job
+    from _cache_helpers import file_sums, teacher_dict, view_config
+    from pipeline.cli import app
+
+    calls = []
+    real = cache_job.run_cache_job
+
+    def local(spec, **kw):  # the local engine here: the same stages without starting a Ray
+        calls.append(spec.output)
+        return real(spec, **kw | {"engine": "local", "progress": False})
+
+    monkeypatch.setattr(cache_job, "run_cache_job", local)
+    cache = tmp_path / "cache"
+    views = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(view_config(2)).items()}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "cache": {"name": "cf", "dataset": {"kind": "imagefolder", "root": str(world["data"])},
+                  "teacher": teacher_dict(world["ckpt"]), "views": views, "output": str(cache),
+                  "roles": {"final": "fp16", "logits": "fp16"}, "samples_per_shard": 5},
+        "distill": {"name": "cf", "cache": str(cache), "student": STUDENT, "student_input_size": 64,
+                    "output": str(tmp_path / "run"), "recipe": "demo", "epochs": 1, "batch_size": 4, "workers": 0}}))
+    first = CliRunner().invoke(app, ["distill", str(job), "--device", "cpu", "--cache-first"])
+    assert first.exit_code == 0, first.output
+    assert calls == [str(cache)] and CacheReader(cache).manifest["complete"] is True
+    made = file_sums(cache)
+    again = CliRunner().invoke(app, ["distill", str(job), "--device", "cpu", "--cache-first", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert calls == [str(cache)] and file_sums(cache) == made  # complete: not run again, nothing rewritten
