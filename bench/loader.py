@@ -90,11 +90,10 @@ def stages(cache: Path, variant: str, student_size=(224, 224)) -> dict[str, floa
     from pipeline.datasets import SampleRef, load_image
     from pipeline.reader import CacheReader
     from pipeline.train_data import ModelInput, ViewDataset
-    from pipeline.views import VIEW_FIELDS, ViewConfig, ViewParams, model_input, render_view
+    from pipeline.views import Replay
 
     reader = CacheReader(cache)
-    cfg = ViewConfig.from_manifest(reader.manifest["views"])
-    fields = tuple(reader.manifest["views"]["fields"] or VIEW_FIELDS)
+    replay = Replay.from_manifest(reader.manifest["views"])
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     t = {k: 0.0 for k in ("decode", "render", "to_input", "cache_read", "collate", "getitem+collate")}
     items = []
@@ -104,15 +103,15 @@ def stages(cache: Path, variant: str, student_size=(224, 224)) -> dict[str, floa
         a = time.perf_counter()
         image = load_image(SampleRef.from_sample(s))
         b = time.perf_counter()
-        view = ViewParams.from_array(s["views"][0], fields)
-        pixels = render_view(image, view, student_size, "bicubic", cfg.rand_augment)
+        view = replay.view(s["views"][0])
+        pixels = replay.pixels(image, view, student_size, "bicubic")
         c = time.perf_counter()
         if variant == "now":
-            x = model_input(pixels, view, mean, std, cfg.erasing_mode)
+            x = replay.model_input(pixels, view, mean, std)
         else:
             x = _normalize_before(pixels, mean, std)
             if view.erase:
-                x = apply_erasing(x, view.erase, view.erase_seed, cfg.erasing_mode)
+                x = apply_erasing(x, view.erase, view.erase_seed, replay.config.erasing_mode)
         d = time.perf_counter()
         stored = reader.read(i, 0, ["final", "logits"], dtype=None if variant == "now" else np.float32)
         item = {"image": x, "label": torch.tensor(s["label"]), "final": torch.from_numpy(stored["final"]),

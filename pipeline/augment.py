@@ -69,6 +69,7 @@ class RandAugmentTable:
     prob: float
 
 
+@lru_cache(maxsize=1)
 def _negation_bases() -> dict:
     # timm negates a level with probability 1/2 inside these level functions; the value negated is
     # (level − base) for each. Keyed by function so a timm that renames them fails loudly here.

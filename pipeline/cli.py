@@ -157,10 +157,7 @@ def cache_teacher(
 
     Re-running the same job resumes: committed shards are kept, half-written ones are redone.
     """
-    from .cache_job import CacheConfigError, run_cache_job
-    from .datasets import DatasetError
     from .job_spec import load_cache_spec
-    from .shards import CacheWriteError
 
     try:
         spec = load_cache_spec(job, output=output, format=_value(fmt), actors=actors,
@@ -178,11 +175,19 @@ def cache_teacher(
                 raise spec_error(e, "--views", "views") from None
     except (ValueError, FileNotFoundError) as e:
         _usage_error(e)
+    _print_summary(_run_cache_job(spec, overwrite=overwrite, engine=_value(engine)), as_json)
+
+
+def _run_cache_job(spec, **kw) -> dict:
+    """The cache job with the CLI's logging; a failure it explains exits 1 with its message."""
+    from .cache_job import CacheConfigError, run_cache_job
+    from .datasets import DatasetError
+    from .shards import CacheWriteError
+
     try:
-        summary = run_cache_job(spec, overwrite=overwrite, engine=_value(engine), log=lambda m: typer.echo(m, err=True))
+        return run_cache_job(spec, log=lambda m: typer.echo(m, err=True), **kw)
     except (ValueError, FileNotFoundError, DatasetError, CacheConfigError, CacheWriteError, FloatingPointError) as e:
         _runtime_error(e)
-    _print_summary(summary, as_json)
 
 
 def _print_summary(summary: dict, as_json: bool) -> None:
@@ -271,11 +276,8 @@ def _print_report(report: dict) -> None:
 
 def _cache_first(job: Path, spec) -> None:
     """distill --cache-first: make (or finish) the job's own cache before training from it."""
-    from .cache_job import CacheConfigError, run_cache_job
-    from .datasets import DatasetError
     from .job_spec import load_cache_spec
     from .schema import MANIFEST
-    from .shards import CacheWriteError
 
     try:
         cache_spec = load_cache_spec(job)
@@ -290,10 +292,7 @@ def _cache_first(job: Path, spec) -> None:
         done = False
     if done:
         return
-    try:
-        run_cache_job(cache_spec, engine="ray", log=lambda m: typer.echo(m, err=True))  # as cache-teacher runs it
-    except (ValueError, FileNotFoundError, DatasetError, CacheConfigError, CacheWriteError, FloatingPointError) as e:
-        _runtime_error(e)
+    _run_cache_job(cache_spec, engine="ray")  # as cache-teacher runs it
 
 
 @app.command("distill")

@@ -80,7 +80,9 @@ def export_timm_folder(model: nn.Module, folder: str | Path, input_size=None) ->
             arch = timm_name
     data_config = eval_data_config(model, input_size)
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists() and not remove_export(tmp):  # a killed export's leftovers go; anything else is the user's
+        raise FileExistsError(f"{tmp} holds files this export did not write "
+                              f"({sorted(p.name for p in tmp.iterdir())[:3]}); move them away and export again")
     save_for_hf(model, str(tmp), model_config=model_config, model_args=model_args, safe_serialization=True,
                 data_config=data_config)
     for f in tmp.iterdir():

@@ -193,7 +193,7 @@ def recompute(root: str | Path, n: int = 4, device: str = "cpu") -> dict:
     from scalekd.targets import teacher_precision
 
     from .datasets import SampleRef, load_image
-    from .views import VIEW_FIELDS, ViewConfig, ViewParams, fingerprint, model_input, render_view
+    from .views import Replay, fingerprint
     from .weights import load_teacher
 
     reader = CacheReader(root)
@@ -204,20 +204,19 @@ def recompute(root: str | Path, n: int = 4, device: str = "cpu") -> dict:
         raise ValueError(f"teacher checkpoint {t.get('checkpoint')} has sha256 {sha}, the cache was made from "
                          f"{t.get('checkpoint_sha256')}")
     size = tuple(t["input_size"][1:])
-    views = ViewConfig.from_manifest(reader.manifest["views"])
-    fields = tuple(reader.manifest["views"].get("fields") or VIEW_FIELDS)
+    replay = Replay.from_manifest(reader.manifest["views"])
     worst = {r: 0.0 for r in reader.specs}
     rel = {r: 0.0 for r in reader.specs}
     mismatched = []
     checked = _view_indices(reader, n)
     for i, v in checked:
         s = reader[i]
-        view = ViewParams.from_array(s["views"][v], fields)
-        pixels = render_view(load_image(SampleRef.from_sample(s)), view, size, t["interpolation"], views.rand_augment)
+        view = replay.view(s["views"][v])
+        pixels = replay.pixels(load_image(SampleRef.from_sample(s)), view, size, t["interpolation"])
         if fingerprint(pixels, view) != s["fingerprints"][v]:
             mismatched.append(f"{s['key']} view {v}")
         with torch.inference_mode(), teacher_precision(device, t.get("precision", "fp32")):  # as it was cached
-            x = model_input(pixels, view, t["mean"], t["std"], views.erasing_mode)
+            x = replay.model_input(pixels, view, t["mean"], t["std"])
             live = split.targets(x[None].to(device))
         stored = reader.read(i, v)
         for r in reader.specs:

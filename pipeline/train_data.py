@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from .datasets import BadImage, SampleRef, load_image
 from .reader import CacheReader
 from .schema import ManifestError
-from .views import VIEW_FIELDS, ViewConfig, ViewParams, fingerprint, model_input, render_view
+from .views import Replay, fingerprint
 
 __all__ = ["ModelInput", "ViewDataset", "ReplayError", "collate_skipping", "EpochOrder"]
 
@@ -50,8 +50,7 @@ class ViewDataset(Dataset):
         self.targets, self.verify, self.on_corrupt = targets, verify_fingerprints, on_corrupt
         self.epoch = 0
         # the cache's view columns and augmentations, replayed for the student (and the live teacher)
-        self.views = ViewConfig.from_manifest(reader.manifest["views"])
-        self.fields = tuple(reader.manifest["views"].get("fields") or VIEW_FIELDS)
+        self.replay = Replay.from_manifest(reader.manifest["views"])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -70,19 +69,19 @@ class ViewDataset(Dataset):
         view = self.view_of(epoch)
         try:
             image = load_image(SampleRef.from_sample(s))
-            params = ViewParams.from_array(s["views"][view], self.fields)
-            st, ra, mode = self.student, self.views.rand_augment, self.views.erasing_mode
-            item = {"image": model_input(render_view(image, params, st.size, st.interpolation, ra), params, st.mean,
-                                         st.std, mode),
+            replay, st = self.replay, self.student
+            params = replay.view(s["views"][view])
+            item = {"image": replay.model_input(replay.pixels(image, params, st.size, st.interpolation), params,
+                                                st.mean, st.std),
                     "label": torch.tensor(s["label"]), "index": torch.tensor(i), "view": torch.tensor(view)}
             if self.verify or self.targets == "online":
                 t = self.teacher
-                pixels = render_view(image, params, t.size, t.interpolation, ra)
+                pixels = replay.pixels(image, params, t.size, t.interpolation)
                 if self.verify and fingerprint(pixels, params) != s["fingerprints"][view]:
                     raise ReplayError(f"sample {s['key']!r} view {view}: the replayed teacher input does not match "
                                       f"the fingerprint stored in {s['shard']} (the image changed since caching?)")
                 if self.targets == "online":
-                    item["teacher_image"] = model_input(pixels, params, t.mean, t.std, mode)
+                    item["teacher_image"] = replay.model_input(pixels, params, t.mean, t.std)
             if self.targets == "cache":
                 # as stored (fp16 by default): the trainer converts them to float32 on its device, exactly
                 stored = self.reader.read(i, view, ["final", "logits"], dtype=None)

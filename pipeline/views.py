@@ -31,8 +31,8 @@ from pydantic.dataclasses import dataclass as checked_dataclass
 
 from . import augment
 
-__all__ = ["ViewParams", "ViewConfig", "sample_views", "render_view", "model_input", "normalize", "fingerprint",
-           "VIEW_FIELDS", "view_fields"]
+__all__ = ["ViewParams", "ViewConfig", "Replay", "sample_views", "render_view", "model_input", "normalize",
+           "fingerprint", "VIEW_FIELDS", "view_fields"]
 
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 _JITTER_FIELDS = tuple(f"jitter_order{i}" for i in range(4)) + (
@@ -257,6 +257,28 @@ def normalize(pixels: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
     mean = torch.tensor(mean, dtype=torch.float32).view(shape)
     std = torch.tensor(std, dtype=torch.float32).view(shape)
     return x.div_(255).sub_(mean).div_(std)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """How a cache's stored view rows are replayed: its columns and its augmentations (the manifest's
+    ``views``); the one path from a stored row to a model's input, for the teacher and the student alike."""
+
+    config: ViewConfig
+    fields: tuple[str, ...]
+
+    @classmethod
+    def from_manifest(cls, views: dict) -> "Replay":
+        return cls(ViewConfig.from_manifest(views), tuple(views.get("fields") or VIEW_FIELDS))
+
+    def view(self, row) -> ViewParams:
+        return ViewParams.from_array(row, self.fields)
+
+    def pixels(self, image: Image.Image, view: ViewParams, size: tuple[int, int], interpolation: str) -> np.ndarray:
+        return render_view(image, view, size, interpolation, self.config.rand_augment)
+
+    def model_input(self, pixels: np.ndarray, view: ViewParams, mean, std) -> torch.Tensor:
+        return model_input(pixels, view, mean, std, self.config.erasing_mode)
 
 
 def fingerprint(pixels: np.ndarray, view: ViewParams | None = None) -> str:

@@ -160,16 +160,16 @@ def replay(split, sample: dict, view: int, views: dict | None = None):
     import torch
 
     from pipeline.datasets import SampleRef, load_image
-    from pipeline.views import VIEW_FIELDS, ViewConfig, ViewParams, model_input, render_view
+    from pipeline.views import Replay
 
     info = split.info
-    cfg = ViewConfig.from_manifest(views or {})
+    replay = Replay.from_manifest(views or {})
     ref = SampleRef(index=sample["index"], key=sample["key"], label=sample["label"], source=sample["source"],
                     member=sample.get("member"))
-    params = ViewParams.from_array(sample["views"][view], tuple((views or {}).get("fields") or VIEW_FIELDS))
-    pixels = render_view(load_image(ref), params, tuple(info.input_size[1:]), info.interpolation, cfg.rand_augment)
+    params = replay.view(sample["views"][view])
+    pixels = replay.pixels(load_image(ref), params, tuple(info.input_size[1:]), info.interpolation)
     with torch.inference_mode():
-        out = split.targets(model_input(pixels, params, info.mean, info.std, cfg.erasing_mode)[None])
+        out = split.targets(replay.model_input(pixels, params, info.mean, info.std)[None])
     return pixels, {k: v[0].float().numpy() for k, v in out.items()}
 
 

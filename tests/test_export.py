@@ -133,3 +133,13 @@ def test_an_export_never_removes_files_it_did_not_write(tmp_path):
         export_timm_folder(model, folder)
     assert (folder / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "student.tmp").exists()
+    # its staging folder too: a killed export's leftovers are replaced, a user's folder of that name is kept
+    (tmp_path / "other.tmp").mkdir()
+    (tmp_path / "other.tmp" / "config.json").write_text("{}")
+    export_timm_folder(model, tmp_path / "other")
+    assert not (tmp_path / "other.tmp").exists()
+    (tmp_path / "other.tmp").mkdir()
+    (tmp_path / "other.tmp" / "data.csv").write_text("mine")
+    with pytest.raises(FileExistsError, match="other.tmp holds files this export did not write"):
+        export_timm_folder(model, tmp_path / "other")
+    assert (tmp_path / "other.tmp" / "data.csv").read_text() == "mine"
