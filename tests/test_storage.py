@@ -102,6 +102,16 @@ def test_a_roles_fields_are_one_entry_which_the_plain_handler_gives_back_in_orde
         np.testing.assert_array_equal(array, stored[field])
 
 
+def _assert_reads(shard, expected):
+    """Every row and view of the shard reads back as ``expected[row][view]``, field by field."""
+    for i, views in enumerate(expected):
+        for v, want in enumerate(views):
+            got = shard.read(i, v)
+            assert got.keys() == want.keys()
+            for field in got:
+                np.testing.assert_array_equal(got[field], want[field])
+
+
 def test_a_shard_written_with_an_entry_per_field_still_reads(tmp_path):
     """Caches made when every field had its own entry (entries.npy with a column per field)."""
     import json
@@ -129,12 +139,40 @@ def test_a_shard_written_with_an_entry_per_field_still_reads(tmp_path):
     np.save(old / "entries.npy", entries)
     shard = open_shard(old, specs)
     assert not shard.per_role
-    for i in range(n):
-        for v in range(k):
-            got = shard.read(i, v)
-            assert got.keys() == expected[i][v].keys()
-            for field in got:
-                np.testing.assert_array_equal(got[field], expected[i][v][field])
+    _assert_reads(shard, expected)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8dc"])
+def test_each_field_is_its_own_zstd_frame_and_one_frame_entries_still_read(tmp_path, codec):
+    """A role's entry is its fields' zstd frames back to back (each field compressed on its own, as
+    zarr's chunks are); entries written as one frame over all fields read the same."""
+    import tarfile
+    import zlib
+
+    from numcodecs import Zstd
+
+    from pipeline.stores.wds_store import _add, _npy, open_shard
+
+    folder, specs, n, k = _shard(tmp_path, "webdataset", codec)
+    new = open_shard(folder, specs)
+    expected = [[new.read(i, v) for v in range(k)] for i in range(n)]
+    zstd = Zstd(level=3, checksum=True)
+    with tarfile.open(folder / "v1.tar") as tar:
+        entry = tar.extractfile("s00000002.final.npy.zst").read()
+    assert entry == b"".join(bytes(zstd.encode(_npy(expected[2][1][f]))) for f in specs["final"].fields())
+    old = tmp_path / "one-frame"
+    old.mkdir()
+    entries = np.zeros((k, n, len(specs), 3), np.int64)
+    for v in range(k):
+        with tarfile.open(old / f"v{v}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(n):
+                for j, (role, spec) in enumerate(specs.items()):
+                    payload = bytes(zstd.encode(b"".join(_npy(expected[i][v][f]) for f in spec.fields())))
+                    entries[v, i, j] = (_add(tar, f"s{i:08d}.{role}.npy.zst", payload), len(payload), zlib.crc32(payload))
+    np.save(old / "entries.npy", entries)
+    shard = open_shard(old, specs)
+    assert shard.per_role
+    _assert_reads(shard, expected)
 
 
 def test_webdataset_entries_are_compressed(tmp_path):

@@ -6,10 +6,13 @@ Each sample of a tar: ``s<index>.json`` (key, label, view parameters, fingerprin
 ``s<index>.<role>.npy.zst`` per stored role: the role's fields as .npy files back to back (one for
 fp32/fp16, e.g. ``final``; ``final_q``, ``final_scale`` (, ``final_dc``) for the int8 codecs, in the
 manifest's order), compressed by zstd (numcodecs' Zstd, zarr's codec, at the job's
-``compression_level``, with zstd's content checksum) as one self-contained frame, so the same cache is
-about as large here as in zarr: tar's framing (a 512-byte header and padding per entry) is paid once
-per role, not per field. Only .npy.zst and .json entries exist; nothing is pickled. Plain webdataset
-streams a view's tars with one decoder handler for the .npy.zst entries (``npy_zst`` below;
+``compression_level``, with zstd's content checksum) one zstd frame per field, the frames back to
+back (zstd decodes concatenated frames as one stream, so one ``Zstd().decode`` gives the .npy files
+back to back), so the same cache is about as large here as in zarr: each field is compressed on its
+own, as zarr's chunks are (one frame over an int8 role's q and its float scales shares one literal
+table between them and costs 1–2 % more), and tar's framing (a 512-byte header and padding per entry)
+is paid once per role, not per field (caches whose role entries are one frame read the same way).
+Only .npy.zst and .json entries exist; nothing is pickled. Plain webdataset streams a view's tars with one decoder handler for the .npy.zst entries (``npy_zst`` below;
 docs/cache-format.md). ``entries.npy`` beside the tars records every .npy.zst entry's data offset,
 size and crc32 (of the stored, compressed bytes) at commit time, so a read is one pread and one zstd
 decode per role with no tar header parsed, and every read is checked. (Caches written when each
@@ -49,8 +52,8 @@ _ZSTD = Zstd()  # decoding needs no level
 
 
 def npy_zst(data: bytes) -> np.ndarray | tuple[np.ndarray, ...]:
-    """One .npy.zst entry's bytes → its array, or its arrays in order when the role has several fields
-    (what a plain-webdataset user's handler does)."""
+    """One .npy.zst entry's bytes (a zstd frame per field, or one frame for all) → its array, or its
+    arrays in order when the role has several fields (what a plain-webdataset user's handler does)."""
     f = io.BytesIO(_ZSTD.decode(data))
     arrays = []
     while f.tell() < len(f.getbuffer()):
@@ -88,7 +91,7 @@ def write_shard(folder: Path, specs: dict[str, RoleSpec], fields: dict[str, np.n
     for view in range(num_views):  # one view's entries compressed at a time: memory holds one tar's worth
 
         def compress(rows: slice, view: int = view) -> list[bytes]:  # every role of each row, in the tar's order
-            return [bytes(codec.encode(b"".join(_npy(fields[f][row, view]) for f in specs[r].fields())))
+            return [b"".join(bytes(codec.encode(_npy(fields[f][row, view]))) for f in specs[r].fields())
                     for row in range(len(samples))[rows] for r in roles]
 
         payloads = iter([p for part in map_ordered(compress, slices(len(samples), workers), workers) for p in part])
