@@ -1,6 +1,7 @@
 """Caching throughput: the cache job's rate against the bare teacher forward on the same views.
 
-    .venv/bin/python bench/throughput.py [--engine local local-serial ray] [--teacher NAME] [--json out.json]
+    .venv/bin/python bench/throughput.py [--engine local local-serial ray ray:0] [--teacher NAME] [--rounds N]
+                                         [--copies N] [--per-image K] [--json out.json]
 
 The demo job (real EfficientNet-Lite0, 240 photos' tiles × K views, batch 32) is run into a fresh
 folder; the bare forward runs the same teacher on the same views, already rendered and in memory,
@@ -8,7 +9,8 @@ in the same batches (no decoding, compression or writing). Reported: end to end 
 Ray start included) and steady state (the spacing of shard commits, read off the shard.json
 modification times, against the bare forward's time for one shard).
 Engines: local (render threads ahead, a writer thread behind the teacher), local-serial (the three
-stages one after another: the before of that change), ray. --teacher swaps in a random-weight timm
+stages one after another: the before of that change), ray, ray:N (N shards rendered per teacher actor
+while it runs; ray:0 renders and forwards one shard at a time, Ray Data's default). --teacher swaps in a random-weight timm
 teacher (e.g. swin_large_patch4_window7_224, for a GPU run where Lite0 is too small to measure).
 """
 from __future__ import annotations
@@ -59,10 +61,27 @@ def bare_forward(spec) -> dict:
     return {"seconds_per_shard": per_shard, "total_s": sum(per_shard), "samples": len(refs)}
 
 
+def copied_dataset(spec, copies: int) -> dict:
+    """The demo's training images ``copies`` times over, as an ImageFolder of symlinks (each copy its own
+    key, so its own views): a longer job made of the same kind of shards."""
+    list_dataset(spec.dataset)  # builds the demo's photos if they are not there yet
+    source = (ROOT / spec.dataset["root"]) / spec.dataset["split"]
+    root = ROOT / ".work" / f"throughput-copies-{copies}"
+    for image in sorted(p for p in source.glob("*/*") if p.is_file()):
+        for c in range(copies):
+            link = root / "train" / image.parent.name / f"{image.stem}_c{c}{image.suffix}"
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(image.resolve())
+    return {"kind": "imagefolder", "root": str(root), "split": "train"}
+
+
 def job(spec, engine: str, out: Path, encoders: int | None = None) -> dict:
     spec = replace(spec, output=str(out))
     t = time.perf_counter()
     kw = {"engine": engine}
+    if engine.startswith("ray:"):  # ray:N = N shards rendered per actor while its teacher runs (ray:0 = in series)
+        kw = {"engine": "ray", "ray_renders": int(engine.split(":")[1])}
     if engine.startswith("local"):  # local:N = N render threads, local:pN = N processes, local-serial = in series
         kw = {"engine": "local", "local_threads": 0 if engine == "local-serial" else None}
         if ":" in engine:
@@ -82,13 +101,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", nargs="*", default=["local", "local-serial", "ray"],
                    help="local (default render workers), local:N (N render threads), local:pN (N processes), "
-                        "local-serial, ray")
+                        "local-serial, ray, ray:N (N shards rendered per actor while its teacher runs; 0: in series)")
     p.add_argument("--teacher", default=None, help="a timm teacher with random weights instead of the demo's Lite0")
     p.add_argument("--batch", type=int, default=None, help="teacher batch (default: the demo job's 32)")
     p.add_argument("--encoders", type=int, nargs="*", default=[None],
                    help="the local engine's encoder threads, each count a run of every local engine (default: min(4, cores))")
     p.add_argument("--precision", default=None, help="teacher.precision for the job and the bare forward: fp32, bf16 "
                    "or fp16 (CUDA only); default the job's")
+    p.add_argument("--rounds", type=int, default=1, help="run every engine this many times, alternating; "
+                   "the medians are reported too")
+    p.add_argument("--per-image", type=int, default=None, help="views per image (default: the demo job's 4)")
+    p.add_argument("--copies", type=int, default=1, help="the demo's images this many times over (symlinks, "
+                   "each copy its own views): 4 makes a job of about 2 minutes on a 2-core CPU")
     p.add_argument("--quick", action="store_true", help="the local engine on the 80 held-out tiles, 1 view "
                    "(a smoke run, not a measurement)")
     p.add_argument("--json", default=str(ROOT / "bench/results-throughput.json"))
@@ -97,6 +121,10 @@ def main(argv=None):
     if a.quick:
         a.engine = ["local"]
         spec = replace(spec, dataset=spec.dataset | {"split": "val"}, views=replace(spec.views, per_image=1))
+    if a.copies > 1:
+        spec = replace(spec, dataset=copied_dataset(spec, a.copies))
+    if a.per_image:
+        spec = replace(spec, views=replace(spec.views, per_image=a.per_image))
     if a.teacher:
         spec = replace(spec, teacher={"name": a.teacher, "seed": 0, "late_blocks": 2})
     if a.precision:
@@ -113,12 +141,21 @@ def main(argv=None):
     (ROOT / ".work").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / ".work") as work:
         runs = [(e, n) for e in a.engine for n in (a.encoders if e.startswith("local") else [None])]
-        for engine, encoders in runs:
-            r = job(spec, engine, Path(work) / f"{engine}-{encoders}", encoders)
-            r["end_to_end_over_bare"] = round(r["samples_per_s"] / result["bare_forward"]["samples_per_s"], 3)
-            if r["steady_seconds_per_shard"]:
-                r["steady_over_bare"] = round(bare_shard / r["steady_seconds_per_shard"], 3)
-            result["jobs"].append(r)
+        for round_ in range(a.rounds):
+            for engine, encoders in runs:
+                r = job(spec, engine, Path(work) / f"{engine}-{encoders}-{round_}", encoders)
+                r["round"] = round_
+                r["end_to_end_over_bare"] = round(r["samples_per_s"] / result["bare_forward"]["samples_per_s"], 3)
+                if r["steady_seconds_per_shard"]:
+                    r["steady_over_bare"] = round(bare_shard / r["steady_seconds_per_shard"], 3)
+                result["jobs"].append(r)
+        if a.rounds > 1:
+            result["medians"] = {}
+            for engine, encoders in runs:
+                mine = [r for r in result["jobs"] if r["engine"] == engine and r["encoders"] == encoders]
+                result["medians"][engine if encoders is None else f"{engine} encoders={encoders}"] = {
+                    k: round(statistics.median(r[k] for r in mine), 3)
+                    for k in ("total_s", "end_to_end_over_bare", "steady_over_bare") if all(k in r for r in mine)}
     text = json.dumps(result, indent=1)
     Path(a.json).write_text(text)
     print(text)

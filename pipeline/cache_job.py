@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,14 +36,14 @@ from scalekd.targets import teacher_precision
 from scalekd.teacher import TeacherInfo
 
 from .datasets import BadImage, Listing, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
-from .encoding import map_ordered, slices
 from .job_spec import CacheSpec, work_dir
 from .ledger import LAYOUT, Ledger, package_versions
 from .output_guard import CacheConfigError, OutputLock, check_placement, refuse_foreign, remove_cache
 from .sample_index import COLUMNS_DOC
-from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, encode, shard_name
-from .shards import CacheWriteError, commit_shard, committed_shards, damaged_shards, discard_shard, remove_temporaries
-from .views import ViewParams, fingerprint, render_view, sample_views, view_fields
+from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, shard_name
+from .shards import (CacheWriteError, committed_shards, damaged_shards, discard_shard, remove_temporaries,
+                     write_shard)
+from .views import fingerprint, render_view, sample_views, view_fields
 from .weights import export_demo_teacher, file_sha256, load_teacher
 
 __all__ = ["run_cache_job", "CacheConfigError", "resolve_checkpoint", "teacher_info_for", "render_views",
@@ -128,6 +129,7 @@ def render_views(task: dict, views, input_size: tuple[int, int], interpolation: 
 
 
 _LISTINGS: dict = {}  # a Ray worker's copy of the driver's listing, fetched once
+_LISTINGS_LOCK = threading.Lock()  # a teacher actor renders several shards at once, in threads
 
 
 def _task_refs(task: dict, listing) -> list[SampleRef]:
@@ -138,10 +140,11 @@ def _task_refs(task: dict, listing) -> list[SampleRef]:
     if not isinstance(listing, Listing):  # a Ray ObjectRef: the listing lives once in the object store
         import ray
 
-        if listing not in _LISTINGS:
-            _LISTINGS.clear()
-            _LISTINGS[listing] = ray.get(listing)
-        listing = _LISTINGS[listing]
+        with _LISTINGS_LOCK:
+            if listing not in _LISTINGS:
+                _LISTINGS.clear()
+                _LISTINGS[listing] = ray.get(listing)
+            listing = _LISTINGS[listing]
     return listing[int(task["start"]) : int(task["end"])]
 
 
@@ -149,7 +152,11 @@ class TeacherForward:
     """The frozen teacher, loaded once per actor; maps a rendered shard to its teacher outputs.
 
     The teacher runs at ``teacher['precision']`` (fp32 | bf16 | fp16, autocast: scalekd.targets.
-    teacher_precision); its outputs are cast to float32 before they are checked and encoded."""
+    teacher_precision); its outputs are cast to float32 before they are checked and encoded.
+
+    Safe to call from several threads: in a Ray job one actor renders shards in some threads while
+    another runs the teacher; the forwards themselves take turns (one shard's batches at a time on the
+    device, so its memory holds one batch as in series)."""
 
     def __init__(self, teacher: dict, checkpoint: str | None, roles: list[str], batch_size: int, device: str = "auto",
                  threads: int | None = None):
@@ -171,9 +178,13 @@ class TeacherForward:
         info = self.split.info
         self.mean, self.std = info.mean, info.std
         self.node = _node_id()
+        self._turn = threading.Lock()
 
-    @torch.inference_mode()
     def __call__(self, row: dict) -> dict:
+        with self._turn, torch.inference_mode():
+            return self._forward(row)
+
+    def _forward(self, row: dict) -> dict:
         from .augment import apply_erasing
         from .views import normalize
 
@@ -211,44 +222,6 @@ def _node_id() -> str:
         if ray.is_initialized():
             return ray.get_runtime_context().get_node_id()
     return "local"
-
-
-def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int,
-                config_sha256: str | None = None, encoders: int = 1, view_width: int = 5) -> dict:
-    """Encode a shard's teacher outputs and commit it; returns {'record': JSON of the shard's record,
-    'node': the node whose teacher computed it}. config_sha256: the run's config digest, kept in
-    shard.json (a lost manifest is rebuilt only from shards of the same configuration). encoders:
-    threads casting, compressing and hashing the shard (pipeline.encoding); the same bytes at any count.
-    view_width: the columns of a view row (``views.view_fields``)."""
-    specs = {k: RoleSpec.from_dict(v) if isinstance(v, dict) else v for k, v in specs.items()}
-    samples = json.loads(row["samples"])
-    fields: dict[str, np.ndarray] = {}
-    for name, spec in specs.items():
-        data = np.asarray(row[name], dtype=np.float32)
-        if not samples:
-            data = np.zeros((0, num_views, *spec.shape), np.float32)
-        fields.update(_encode_role(spec, data, encoders))
-    record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
-                          samples, json.loads(row["skipped"]), num_views, level, view_width=view_width,
-                          extra={"config_sha256": config_sha256} if config_sha256 else None, workers=encoders)
-    return {"record": json.dumps(record), "node": row.get("node", "local")}
-
-
-def _encode_role(spec: RoleSpec, data: np.ndarray, encoders: int) -> dict[str, np.ndarray]:
-    """schema.encode of (n, K, *spec.shape) float32 in ``encoders`` threads, cut by samples (a codec's
-    statistics are per view, so each part encodes to exactly the whole's rows), each part written into
-    the preallocated fields (no second copy of the shard)."""
-    if encoders <= 1 or spec.codec == "fp32":  # fp32 stores the array as it is: nothing to cast
-        return encode(spec, data)
-    lead = data.shape[: data.ndim - len(spec.shape)]
-    out = {f: np.empty((*lead, *shape), dtype) for f, (shape, dtype) in spec.fields().items()}
-
-    def part(s: slice) -> None:
-        for f, a in encode(spec, data[s]).items():
-            out[f][s] = a
-
-    map_ordered(part, slices(len(data), encoders), encoders)
-    return out
 
 
 # --------------------------------------------------------------------------- the driver
@@ -480,14 +453,17 @@ def _init_ray(address: str | None):
 
 def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray", progress: bool = True,
                   max_shards: int | None = None, log=print, local_threads: int | None = None,
-                  local_render: str | None = None, local_encoders: int | None = None) -> dict:
+                  local_render: str | None = None, local_encoders: int | None = None,
+                  ray_renders: int | None = None) -> dict:
     """Cache the teacher's outputs for every view of every image in ``spec.dataset``; returns the summary.
 
     engine: 'ray' (a local Ray started here, or the cluster at spec.address / $RAY_ADDRESS) or
     'local' (the same stages in this process). max_shards: stop after that many new shards (tests).
     local_threads, local_render: the local engine's render workers (0 = the stages in series) and their
     kind, 'threads' or 'processes'; local_encoders: the threads encoding each shard (see local_pipeline for the
-    defaults; Ray's write tasks encode in one thread each, several tasks at once).
+    defaults; Ray's write tasks encode in one thread each, several tasks at once); ray_renders: shards
+    each Ray teacher actor renders while its teacher runs (default min(4, the actor's share of the
+    CPUs); 0: one shard at a time, rendered then forwarded, Ray Data's default).
 
     The output folder is locked for the whole job (a second job on it is refused) and holds nothing
     but a cache (anything else in it is refused, whatever the flags).
@@ -497,11 +473,11 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
     check_placement(spec.output, spec.dataset)  # before anything is read
     with contextlib.ExitStack() as held:  # the output's lock, once taken, until the job ends
         return _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render,
-                              local_encoders, held)
+                              local_encoders, ray_renders, held)
 
 
 def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render, local_encoders,
-                   held: contextlib.ExitStack) -> dict:
+                   ray_renders, held: contextlib.ExitStack) -> dict:
     t0 = time.perf_counter()
     info = teacher_info_for(spec.teacher)  # an unknown teacher fails here, before any work
     remote = engine == "ray" and (spec.address or os.environ.get("RAY_ADDRESS"))
@@ -572,6 +548,12 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
             nodes = max(1, len([n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]))
             cpus_per_node = int(ray.cluster_resources().get("CPU", 1)) // nodes
             threads = None if gpus else max(1, min(cpus_per_node, cpus_per_node * nodes // spec.actors))
+            # Ray Data fuses render_views into the teacher's actor; run as one call at a time, the actor
+            # would render a shard, then run the teacher on it, the device idle while it renders
+            # (measured: steady state 0.83 of the bare forward on the demo, against the local engine's
+            # 1.0). Several calls at once, in threads: `renders` shards rendered while the teacher runs
+            # on another (TeacherForward's forwards take turns), as the local engine's render threads do.
+            renders = min(4, max(1, cpus_per_node * nodes // spec.actors)) if ray_renders is None else ray_renders
             # Failures: Ray Data (2.60) restarts a dead teacher actor and retries its shard
             # (max_restarts=-1, max_task_retries=-1) and retries a dead worker's task (max_retries=-1)
             # by default; a retry recomputes the same bytes and write_shard keeps the first commit. Its
@@ -582,7 +564,8 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
             ds = (ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
                   .map(render_views, fn_kwargs=render_kw)
                   .map(TeacherForward, fn_constructor_kwargs=teacher_kw | {"threads": threads},
-                       compute=ActorPoolStrategy(size=spec.actors), num_gpus=gpus)
+                       compute=ActorPoolStrategy(size=spec.actors, max_concurrent_calls_per_actor=1 + renders,
+                                                 enable_true_multi_threading=True), num_gpus=gpus)
                   .map(write_shard, fn_kwargs=write_kw))
             results = ds.iter_rows() if tasks else iter(())
         for row in results:

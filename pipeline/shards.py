@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoding import map_ordered
+from .encoding import map_ordered, slices
 from .sample_index import INDEX_DIR, write_index
-from .schema import SHARD_META, SHARD_PREFIX, RoleSpec, file_sha256, shard_name, write_json_atomic
+from .schema import SHARD_META, SHARD_PREFIX, RoleSpec, encode, file_sha256, shard_name, write_json_atomic
 from .stores import store_module
 
 __all__ = ["CacheWriteError", "commit_shard", "shard_record", "record_mismatch", "committed_shards", "remove_temporaries",
@@ -211,3 +211,43 @@ def verify_shard(root: Path, record: dict) -> list[str]:
     if mismatch:
         problems.append(f"{record['name']}: shard.json does not match the manifest's record ({mismatch})")
     return problems
+
+
+def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int,
+                config_sha256: str | None = None, encoders: int = 1, view_width: int = 5) -> dict:
+    """The cache job's last stage (pipeline.cache_job): encode a shard's teacher outputs and commit it;
+    returns {'record': JSON of the shard's record, 'node': the node whose teacher computed it}. Here, not
+    in cache_job, so that a Ray worker running only write tasks never imports torch (4 s of CPU at each
+    worker's start, measured). config_sha256: the run's config digest, kept in
+    shard.json (a lost manifest is rebuilt only from shards of the same configuration). encoders:
+    threads casting, compressing and hashing the shard (pipeline.encoding); the same bytes at any count.
+    view_width: the columns of a view row (``views.view_fields``)."""
+    specs = {k: RoleSpec.from_dict(v) if isinstance(v, dict) else v for k, v in specs.items()}
+    samples = json.loads(row["samples"])
+    fields: dict[str, np.ndarray] = {}
+    for name, spec in specs.items():
+        data = np.asarray(row[name], dtype=np.float32)
+        if not samples:
+            data = np.zeros((0, num_views, *spec.shape), np.float32)
+        fields.update(_encode_role(spec, data, encoders))
+    record = commit_shard(Path(root), int(row["shard"]), int(row["start"]), int(row["end"]), fmt, specs, fields,
+                          samples, json.loads(row["skipped"]), num_views, level, view_width=view_width,
+                          extra={"config_sha256": config_sha256} if config_sha256 else None, workers=encoders)
+    return {"record": json.dumps(record), "node": row.get("node", "local")}
+
+
+def _encode_role(spec: RoleSpec, data: np.ndarray, encoders: int) -> dict[str, np.ndarray]:
+    """schema.encode of (n, K, *spec.shape) float32 in ``encoders`` threads, cut by samples (a codec's
+    statistics are per view, so each part encodes to exactly the whole's rows), each part written into
+    the preallocated fields (no second copy of the shard)."""
+    if encoders <= 1 or spec.codec == "fp32":  # fp32 stores the array as it is: nothing to cast
+        return encode(spec, data)
+    lead = data.shape[: data.ndim - len(spec.shape)]
+    out = {f: np.empty((*lead, *shape), dtype) for f, (shape, dtype) in spec.fields().items()}
+
+    def part(s: slice) -> None:
+        for f, a in encode(spec, data[s]).items():
+            out[f][s] = a
+
+    map_ordered(part, slices(len(data), encoders), encoders)
+    return out

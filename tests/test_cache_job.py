@@ -375,6 +375,50 @@ def test_a_retried_shard_write_keeps_the_committed_copy(base, tmp_path, monkeypa
     assert verify(out)["ok"] is True
 
 
+def test_a_teacher_actor_called_from_several_threads_runs_one_forward_at_a_time(base):
+    """A Ray teacher actor renders shards in some threads while its teacher runs in another: the
+    forwards take turns (never two on the device at once) and give what they give in series."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import asdict
+
+    from pipeline.cache_job import TeacherForward, render_views
+
+    spec, info = base.zarr.spec, base.split.info
+    refs = list_dataset(spec.dataset)[0]
+    root = manifest(base.zarr.root)["dataset"]["root"]
+
+    def rendered(shard):
+        task = {"shard": shard, "start": 3 * shard, "end": 3 * shard + 3,
+                "refs": json.dumps([asdict(r) for r in refs[3 * shard : 3 * shard + 3]])}
+        return render_views(task, spec.views, tuple(info.input_size[1:]), info.interpolation, root)
+
+    forward = TeacherForward(spec.teacher, str(base.ckpt), list(spec.roles), 4)
+    series = [forward(rendered(i)) for i in range(3)]
+    targets, active, most = forward.split.targets, [0], [0]
+    lock = threading.Lock()
+
+    def watched(x):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.02)  # long enough for another thread to enter if nothing stopped it
+        try:
+            return targets(x)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    forward.split.targets = watched
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda i: forward(rendered(i)), range(3)))
+    assert most[0] == 1
+    for a, b in zip(series, together):
+        for role in spec.roles:
+            np.testing.assert_array_equal(a[role], b[role])
+
+
 # --- SIGKILL in a subprocess, then a re-run
 
 @pytest.fixture(scope="module")
