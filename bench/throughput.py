@@ -1,6 +1,6 @@
 """Caching throughput: the cache job's rate against the bare teacher forward on the same views.
 
-    .venv/bin/python bench/throughput.py [--engine local local-serial ray ray:0] [--teacher NAME] [--rounds N]
+    .venv/bin/python bench/throughput.py [--engine local local-serial ray ray:1] [--teacher NAME] [--rounds N]
                                          [--copies N] [--per-image K] [--json out.json]
 
 The demo job (real EfficientNet-Lite0, 240 photos' tiles × K views, batch 32) is run into a fresh
@@ -9,14 +9,15 @@ in the same batches (no decoding, compression or writing). Reported: end to end 
 Ray start included) and steady state (the spacing of shard commits, read off the shard.json
 modification times, against the bare forward's time for one shard).
 Engines: local (render threads ahead, a writer thread behind the teacher), local-serial (the three
-stages one after another: the before of that change), ray, ray:N (N shards rendered per teacher actor
-while it runs; ray:0 renders and forwards one shard at a time, Ray Data's default). --teacher swaps in a random-weight timm
+stages one after another: the before of that change), ray, ray:N (each teacher actor works on N shards
+at once, in threads; ray:1 renders, forwards and writes one shard at a time). --teacher swaps in a random-weight timm
 teacher (e.g. swin_large_patch4_window7_224, for a GPU run where Lite0 is too small to measure).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -62,8 +63,9 @@ def bare_forward(spec) -> dict:
 
 
 def copied_dataset(spec, copies: int) -> dict:
-    """The demo's training images ``copies`` times over, as an ImageFolder of symlinks (each copy its own
-    key, so its own views): a longer job made of the same kind of shards."""
+    """The demo's training images ``copies`` times over, as an ImageFolder of hard links (each copy its
+    own key, so its own views; a symlink out of the dataset's root would be skipped by the listing): a
+    longer job made of the same kind of shards."""
     list_dataset(spec.dataset)  # builds the demo's photos if they are not there yet
     source = (ROOT / spec.dataset["root"]) / spec.dataset["split"]
     root = ROOT / ".work" / f"throughput-copies-{copies}"
@@ -72,7 +74,7 @@ def copied_dataset(spec, copies: int) -> dict:
             link = root / "train" / image.parent.name / f"{image.stem}_c{c}{image.suffix}"
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(image.resolve())
+                os.link(image, link)
     return {"kind": "imagefolder", "root": str(root), "split": "train"}
 
 
@@ -80,8 +82,8 @@ def job(spec, engine: str, out: Path, encoders: int | None = None) -> dict:
     spec = replace(spec, output=str(out))
     t = time.perf_counter()
     kw = {"engine": engine}
-    if engine.startswith("ray:"):  # ray:N = N shards rendered per actor while its teacher runs (ray:0 = in series)
-        kw = {"engine": "ray", "ray_renders": int(engine.split(":")[1])}
+    if engine.startswith("ray:"):  # ray:N = each teacher actor works on N shards at once (ray:1 = in series)
+        kw = {"engine": "ray", "ray_calls": int(engine.split(":")[1])}
     if engine.startswith("local"):  # local:N = N render threads, local:pN = N processes, local-serial = in series
         kw = {"engine": "local", "local_threads": 0 if engine == "local-serial" else None}
         if ":" in engine:
@@ -101,7 +103,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engine", nargs="*", default=["local", "local-serial", "ray"],
                    help="local (default render workers), local:N (N render threads), local:pN (N processes), "
-                        "local-serial, ray, ray:N (N shards rendered per actor while its teacher runs; 0: in series)")
+                        "local-serial, ray, ray:N (each teacher actor on N shards at once; 1: in series)")
     p.add_argument("--teacher", default=None, help="a timm teacher with random weights instead of the demo's Lite0")
     p.add_argument("--batch", type=int, default=None, help="teacher batch (default: the demo job's 32)")
     p.add_argument("--encoders", type=int, nargs="*", default=[None],
@@ -111,7 +113,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="run every engine this many times, alternating; "
                    "the medians are reported too")
     p.add_argument("--per-image", type=int, default=None, help="views per image (default: the demo job's 4)")
-    p.add_argument("--copies", type=int, default=1, help="the demo's images this many times over (symlinks, "
+    p.add_argument("--copies", type=int, default=1, help="the demo's images this many times over (hard links, "
                    "each copy its own views): 4 makes a job of about 2 minutes on a 2-core CPU")
     p.add_argument("--quick", action="store_true", help="the local engine on the 80 held-out tiles, 1 view "
                    "(a smoke run, not a measurement)")

@@ -5,8 +5,10 @@
         .map(render_views)                                   # decode, K views, fingerprints (Ray Data fuses
                                                              # it into CPU teacher actors; a GPU actor's
                                                              # resources differ, so there it runs apart)
-        .map(TeacherForward, compute=ActorPoolStrategy(n))   # the teacher, loaded once per actor
-        .map(write_shard)                                    # encode, write under a temporary name, rename
+        .map(TeacherWriter, compute=ActorPoolStrategy(n, …)) # the teacher, loaded once per actor, then
+                                                             # write_shard: encode, write under a temporary
+                                                             # name, rename; several shards at once, in
+                                                             # threads (_teacher_pool)
 The driver streams the committed records back and keeps manifest.json current. ``engine="local"``
 runs the very same three functions in this process (one machine, no Ray): views are rendered
 ahead in threads and shards written in a writer thread while the teacher runs (measured on an
@@ -212,6 +214,20 @@ class TeacherForward:
             row[r] = arr.reshape(n, -1, *arr.shape[1:]) if n else arr
         row["node"] = self.node  # not stored in the shard: the run's summary counts shards per teacher node
         return row
+
+
+class TeacherWriter(TeacherForward):
+    """A Ray teacher actor that also encodes and commits the shards it computes (write_shard), so their
+    outputs never cross the object store (Swin-L: 77 MB a shard in float32) and no separate write
+    processes compete for the node's cores. Called from several threads at once: one thread's forward
+    runs while another's shard is written (and, on CPU nodes, others render), as in the local engine."""
+
+    def __init__(self, write: dict, **teacher_kw):
+        super().__init__(**teacher_kw)
+        self.write = write
+
+    def __call__(self, row: dict) -> dict:
+        return write_shard(super().__call__(row), **self.write)
 
 
 def _node_id() -> str:
@@ -421,8 +437,9 @@ def _manifest_header(spec, info, ckpt, sha, specs, config, listed, classes, data
         "dataset": {"spec": spec.dataset, "root": str(data_root), "relative_spec": relative_spec(spec.dataset, data_root),
                     "listed": listed, "classes": classes},
         "roles": {name: s.to_dict() | {"compressor": f"zstd(level={spec.compression_level}, checksum)"
-                                       + ("" if spec.format == "zarr" else " over each role's .npy files (.npy.zst), crc32 of the "
-                                                                          "stored bytes in entries.npy")}
+                                       + ("" if spec.format == "zarr" else " over each of the role's .npy files, a frame each, back "
+                                                                          "to back (.npy.zst), crc32 of the stored bytes in "
+                                                                          "entries.npy")}
                   for name, s in specs.items()},
         "layout": LAYOUT[spec.format] | LAYOUT["roles"] | {"index": COLUMNS_DOC},
         "samples_per_shard": spec.samples_per_shard,
@@ -451,19 +468,38 @@ def _init_ray(address: str | None):
     return started
 
 
+def _teacher_pool(actors: int, calls: int, log=print):
+    """Ray Data's pool of teacher actors, each working on ``calls`` shards at once in threads (the
+    fused render_views and write_shard run in parallel, TeacherForward's forwards take turns). A Ray
+    without ``max_concurrent_calls_per_actor`` (2.60 has it; a cluster's Ray is what it is) runs one
+    shard at a time per actor, rendered, forwarded and written in series: correct, slower, said."""
+    import inspect
+
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    if calls <= 1:
+        return ActorPoolStrategy(size=actors)
+    if "max_concurrent_calls_per_actor" not in inspect.signature(ActorPoolStrategy).parameters:
+        log(f"Ray {ray.__version__} has no ActorPoolStrategy(max_concurrent_calls_per_actor=...): each teacher actor "
+            f"renders, runs and writes one shard at a time (slower; Ray 2.60 is what this project is tested with)")
+        return ActorPoolStrategy(size=actors)
+    return ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True)
+
+
 def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray", progress: bool = True,
                   max_shards: int | None = None, log=print, local_threads: int | None = None,
                   local_render: str | None = None, local_encoders: int | None = None,
-                  ray_renders: int | None = None) -> dict:
+                  ray_calls: int | None = None) -> dict:
     """Cache the teacher's outputs for every view of every image in ``spec.dataset``; returns the summary.
 
     engine: 'ray' (a local Ray started here, or the cluster at spec.address / $RAY_ADDRESS) or
     'local' (the same stages in this process). max_shards: stop after that many new shards (tests).
     local_threads, local_render: the local engine's render workers (0 = the stages in series) and their
     kind, 'threads' or 'processes'; local_encoders: the threads encoding each shard (see local_pipeline for the
-    defaults; Ray's write tasks encode in one thread each, several tasks at once); ray_renders: shards
-    each Ray teacher actor renders while its teacher runs (default min(4, the actor's share of the
-    CPUs); 0: one shard at a time, rendered then forwarded, Ray Data's default).
+    defaults); ray_calls: the shards each Ray teacher actor works on at once, in threads (default: 2,
+    one forwarded while another is written, plus min(4, its share of the CPUs) rendered on CPU nodes;
+    1: render, forward and write one shard at a time).
 
     The output folder is locked for the whole job (a second job on it is refused) and holds nothing
     but a cache (anything else in it is refused, whatever the flags).
@@ -473,11 +509,11 @@ def run_cache_job(spec: CacheSpec, overwrite: bool = False, engine: str = "ray",
     check_placement(spec.output, spec.dataset)  # before anything is read
     with contextlib.ExitStack() as held:  # the output's lock, once taken, until the job ends
         return _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render,
-                              local_encoders, ray_renders, held)
+                              local_encoders, ray_calls, held)
 
 
 def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_threads, local_render, local_encoders,
-                   ray_renders, held: contextlib.ExitStack) -> dict:
+                   ray_calls, held: contextlib.ExitStack) -> dict:
     t0 = time.perf_counter()
     info = teacher_info_for(spec.teacher)  # an unknown teacher fails here, before any work
     remote = engine == "ray" and (spec.address or os.environ.get("RAY_ADDRESS"))
@@ -537,7 +573,6 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
                                      local_encoders)
         else:
             import ray
-            from ray.data import ActorPoolStrategy
 
             started_ray = _init_ray(spec.address)
             render_kw["listing"] = ray.put(refs)
@@ -548,25 +583,30 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
             nodes = max(1, len([n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]))
             cpus_per_node = int(ray.cluster_resources().get("CPU", 1)) // nodes
             threads = None if gpus else max(1, min(cpus_per_node, cpus_per_node * nodes // spec.actors))
-            # Ray Data fuses render_views into the teacher's actor; run as one call at a time, the actor
-            # would render a shard, then run the teacher on it, the device idle while it renders
-            # (measured: steady state 0.83 of the bare forward on the demo, against the local engine's
-            # 1.0). Several calls at once, in threads: `renders` shards rendered while the teacher runs
-            # on another (TeacherForward's forwards take turns), as the local engine's render threads do.
-            renders = min(4, max(1, cpus_per_node * nodes // spec.actors)) if ray_renders is None else ray_renders
-            # Failures: Ray Data (2.60) restarts a dead teacher actor and retries its shard
-            # (max_restarts=-1, max_task_retries=-1) and retries a dead worker's task (max_retries=-1)
+            # One stage: TeacherWriter actors, each rendering (on CPU nodes Ray Data fuses render_views
+            # into the actor; a GPU actor's resources differ, so there it runs in tasks apart), running
+            # the teacher and writing its shards. In series an actor would idle its teacher while it
+            # renders and writes; it works on `calls` shards at once instead, in threads: one forwarded
+            # (the forwards take turns), one written, and on CPU nodes more rendered, as the local
+            # engine's threads do (docs/benchmarks.md).
+            if ray_calls is not None:
+                calls = ray_calls
+            else:
+                calls = 2 + (0 if gpus else min(4, max(1, cpus_per_node * nodes // spec.actors)))
+            # Failures: Ray Data (2.60) restarts a dead teacher actor and retries its shards
+            # (max_restarts=-1, max_task_retries=-1) and retries a dead render task (max_retries=-1)
             # by default; a retry recomputes the same bytes and write_shard keeps the first commit. Its
             # actors are placed with the SPREAD strategy by default: teachers go to different nodes first.
-            # One block per shard: shards go one by one to whichever teacher is free, and a killed actor
-            # redoes one shard (Ray's default, about max(200, 2 × CPUs) blocks, puts tens of shards of an
-            # ImageNet-sized job in one block, for one actor).
+            # One block per shard: shards go to whichever teacher has room (at most 2 × calls a
+            # teacher: Ray Data's in-flight limit), and a killed actor redoes the shards it held (Ray's
+            # default, about max(200, 2 × CPUs) blocks, puts tens of shards of an ImageNet-sized job in
+            # one block, for one actor).
+            share = max(1, cpus_per_node * nodes // spec.actors)  # an actor's share of the cluster's CPUs
+            ray_write = write_kw | {"encoders": 1 if not gpus else min(4, share)}  # CPU nodes: cores are busy
             ds = (ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
                   .map(render_views, fn_kwargs=render_kw)
-                  .map(TeacherForward, fn_constructor_kwargs=teacher_kw | {"threads": threads},
-                       compute=ActorPoolStrategy(size=spec.actors, max_concurrent_calls_per_actor=1 + renders,
-                                                 enable_true_multi_threading=True), num_gpus=gpus)
-                  .map(write_shard, fn_kwargs=write_kw))
+                  .map(TeacherWriter, fn_constructor_kwargs=teacher_kw | {"threads": threads, "write": ray_write},
+                       compute=_teacher_pool(spec.actors, calls, log), num_gpus=gpus))
             results = ds.iter_rows() if tasks else iter(())
         for row in results:
             record = json.loads(row["record"])

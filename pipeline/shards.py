@@ -215,10 +215,10 @@ def verify_shard(root: Path, record: dict) -> list[str]:
 
 def write_shard(row: dict, root: str, fmt: str, specs: dict, num_views: int, level: int,
                 config_sha256: str | None = None, encoders: int = 1, view_width: int = 5) -> dict:
-    """The cache job's last stage (pipeline.cache_job): encode a shard's teacher outputs and commit it;
-    returns {'record': JSON of the shard's record, 'node': the node whose teacher computed it}. Here, not
-    in cache_job, so that a Ray worker running only write tasks never imports torch (4 s of CPU at each
-    worker's start, measured). config_sha256: the run's config digest, kept in
+    """The cache job's last stage (pipeline.cache_job: in the local engine's writer thread, in a Ray
+    teacher actor after its forward): encode a shard's teacher outputs and commit it; returns
+    {'record': JSON of the shard's record, 'node': the node whose teacher computed it}. Needs no torch.
+    config_sha256: the run's config digest, kept in
     shard.json (a lost manifest is rebuilt only from shards of the same configuration). encoders:
     threads casting, compressing and hashing the shard (pipeline.encoding); the same bytes at any count.
     view_width: the columns of a view row (``views.view_fields``)."""

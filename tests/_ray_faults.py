@@ -9,9 +9,12 @@ and shard there, and dies; the retry finds the file and runs normally. The files
 Faults (shard indexes in FAULT_SHARDS):
 - render:       the process running render_views, before it renders its shard (a teacher actor: Ray
                 Data fuses render_views into the actor stage)
-- teacher:      a teacher actor, on the second shard it is given (it has finished one already)
-- write-commit: a write_shard task, after its shard is committed and before it returns
-- write-mid:    a write_shard task, with its shard's files in .tmp-shard-* and not yet renamed
+- teacher:      a teacher actor, on the second shard it is given (the first may still be running: an
+                actor takes several shards at once)
+- write-commit: the process running write_shard (a teacher actor), after its shard is committed and
+                before it returns
+- write-mid:    the process running write_shard, with its shard's files in .tmp-shard-* and not yet
+                renamed
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def _die() -> None:
 def install() -> None:
     if not os.environ.get(FAULTS_ENV):
         return
-    from pipeline import cache_job
+    from pipeline import cache_job, shards
     from pipeline.stores import STORES
 
     render, call, write = cache_job.render_views, cache_job.TeacherForward.__call__, cache_job.write_shard
@@ -81,5 +84,7 @@ def install() -> None:
             _die()
         return out
 
-    cache_job.render_views, cache_job.write_shard = render_views, write_shard
+    # write_shard lives in pipeline.shards and reaches a worker by that name (a function is pickled by
+    # reference): both bindings are wrapped, the one a worker unpickles and the local engine's.
+    cache_job.render_views, cache_job.write_shard, shards.write_shard = render_views, write_shard, write_shard
     cache_job.TeacherForward.__call__ = teacher_call

@@ -193,8 +193,8 @@ def test_zarr_and_webdataset_caches_of_one_job_decode_identically(base):
 
 
 def test_webdataset_tars_hold_only_zstd_npy_and_json(base):
-    """Every array entry is a .npy file inside one zstd frame (no pickle anywhere); its crc32 in
-    entries.npy is of the stored, compressed bytes."""
+    """Every array entry is a role's .npy file(s), a zstd frame each (one here: fp32 roles; no pickle
+    anywhere); its crc32 in entries.npy is of the stored, compressed bytes."""
     from numcodecs import Zstd
 
     root = base.wds.root
@@ -221,7 +221,8 @@ def test_webdataset_tars_hold_only_zstd_npy_and_json(base):
 
 def test_webdataset_manifest_names_the_compressor_it_uses(base):
     m = manifest(base.wds.root)
-    assert all(r["compressor"].startswith("zstd(level=3, checksum) over each role's .npy files") for r in m["roles"].values())
+    assert all(r["compressor"].startswith("zstd(level=3, checksum) over each of the role's .npy files, a frame each")
+               for r in m["roles"].values())
     assert ".npy.zst" in m["layout"]["shard"]
 
 
@@ -691,11 +692,11 @@ def test_cli_output_url_exits_2_and_writes_nothing(base, tmp_path, monkeypatch):
 def test_a_shard_committed_where_the_driver_cannot_see_it_is_a_clear_error(base, tmp_path, monkeypatch):
     """A cluster whose output folder is each node's own disk: the writer commits on its node, the
     driver does not find the shard; the error says the output must be a shared filesystem."""
-    import pipeline.cache_job as cache_job
+    import pipeline.shards as shards
 
     other_node = tmp_path / "other-node"
-    commit = cache_job.commit_shard
-    monkeypatch.setattr(cache_job, "commit_shard", lambda root, *a, **k: commit(other_node, *a, **k))
+    commit = shards.commit_shard
+    monkeypatch.setattr(shards, "commit_shard", lambda root, *a, **k: commit(other_node, *a, **k))
     out = tmp_path / "out"
     with pytest.raises(CacheWriteError, match="every node mounts at the same path") as e:
         run(_spec(base, out))
@@ -924,3 +925,26 @@ def test_a_failing_driver_closes_the_local_pipeline_and_commits_nothing_more(bas
     monkeypatch.setattr(cj, "write_json_atomic", real)
     assert run(_spec(base, out))["complete"] is True
     assert shard_sums(out) == shard_sums(base.zarr.root)
+
+
+def test_teacher_actors_take_several_shards_at_once_where_ray_can(monkeypatch):
+    """Ray 2.60's ActorPoolStrategy runs `calls` shards at once in an actor's threads; a Ray without
+    that option gets one shard at a time per actor, and the job says so."""
+    import ray.data
+
+    from pipeline.cache_job import _teacher_pool
+
+    logs = []
+    pool = _teacher_pool(3, 4, logs.append)
+    assert (pool.min_size, pool.max_size, pool.max_concurrent_calls_per_actor) == (3, 3, 4)
+    assert pool.enable_true_multi_threading is True and logs == []
+    assert _teacher_pool(2, 1, logs.append).max_concurrent_calls_per_actor is None and logs == []
+
+    class OlderStrategy:  # the signature of ActorPoolStrategy before max_concurrent_calls_per_actor
+        def __init__(self, *, size=None, min_size=None, max_size=None, max_tasks_in_flight_per_actor=None):
+            self.size = size
+
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", OlderStrategy)
+    older = _teacher_pool(2, 4, logs.append)
+    assert isinstance(older, OlderStrategy) and older.size == 2
+    assert len(logs) == 1 and "one shard at a time" in logs[0] and "max_concurrent_calls_per_actor" in logs[0]
