@@ -582,7 +582,8 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
             # Nodes that offer CPUs (a head started with --num-cpus=0 runs no work and does not count).
             nodes = max(1, len([n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]))
             cpus_per_node = int(ray.cluster_resources().get("CPU", 1)) // nodes
-            threads = None if gpus else max(1, min(cpus_per_node, cpus_per_node * nodes // spec.actors))
+            share = max(1, cpus_per_node * nodes // spec.actors)  # an actor's share of the cluster's CPUs
+            threads = None if gpus else max(1, min(cpus_per_node, share))
             # One stage: TeacherWriter actors, each rendering (on CPU nodes Ray Data fuses render_views
             # into the actor; a GPU actor's resources differ, so there it runs in tasks apart), running
             # the teacher and writing its shards. In series an actor would idle its teacher while it
@@ -592,7 +593,7 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
             if ray_calls is not None:
                 calls = ray_calls
             else:
-                calls = 2 + (0 if gpus else min(4, max(1, cpus_per_node * nodes // spec.actors)))
+                calls = 2 + (0 if gpus else min(4, share))
             # Failures: Ray Data (2.60) restarts a dead teacher actor and retries its shards
             # (max_restarts=-1, max_task_retries=-1) and retries a dead render task (max_retries=-1)
             # by default; a retry recomputes the same bytes and write_shard keeps the first commit. Its
@@ -601,7 +602,6 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
             # teacher: Ray Data's in-flight limit), and a killed actor redoes the shards it held (Ray's
             # default, about max(200, 2 × CPUs) blocks, puts tens of shards of an ImageNet-sized job in
             # one block, for one actor).
-            share = max(1, cpus_per_node * nodes // spec.actors)  # an actor's share of the cluster's CPUs
             ray_write = write_kw | {"encoders": 1 if not gpus else min(4, share)}  # CPU nodes: cores are busy
             ds = (ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
                   .map(render_views, fn_kwargs=render_kw)

@@ -45,8 +45,9 @@ LAYOUT = {
                       "shape (samples, views, *field shape) and chunk (1, 1, *field shape): one chunk per view"},
     "webdataset": {"shard": "shard-NNNNN/v<k>.tar holds view k of every sample of the shard: s<index>.json "
                             "(key, label, view, fingerprint) and s<index>.<role>.npy.zst, the role's fields' .npy files "
-                            "back to back (in the order of the role's fields), each its own zstd frame (with its "
-                            "content checksum), the frames back to back (one zstd decode gives the .npy files); entries.npy (views, samples, roles, 3) int64 holds each .npy.zst entry's data "
+                            "(in the order of the role's fields), each compressed as its own zstd frame (with its "
+                            "content checksum), the frames back to back (one zstd decode gives the .npy files); "
+                            "entries.npy (views, samples, roles, 3) int64 holds each .npy.zst entry's data "
                             "offset, size and crc32 of its stored (compressed) bytes (roles in the manifest's order); "
                             "shard.json and index/ beside them"},
     "roles": {

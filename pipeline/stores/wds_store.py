@@ -12,8 +12,8 @@ back to back), so the same cache is about as large here as in zarr: each field i
 own, as zarr's chunks are (one frame over an int8 role's q and its float scales shares one literal
 table between them and costs 1–2 % more), and tar's framing (a 512-byte header and padding per entry)
 is paid once per role, not per field (caches whose role entries are one frame read the same way).
-Only .npy.zst and .json entries exist; nothing is pickled. Plain webdataset streams a view's tars with one decoder handler for the .npy.zst entries (``npy_zst`` below;
-docs/cache-format.md). ``entries.npy`` beside the tars records every .npy.zst entry's data offset,
+Only .npy.zst and .json entries exist; nothing is pickled. Plain webdataset streams a view's tars
+with one decoder handler for the .npy.zst entries (``npy_zst`` below; docs/cache-format.md). ``entries.npy`` beside the tars records every .npy.zst entry's data offset,
 size and crc32 (of the stored, compressed bytes) at commit time, so a read is one pread and one zstd
 decode per role with no tar header parsed, and every read is checked. (Caches written when each
 field had its own entry, ``s<index>.<field>.npy.zst``, are read as they are: their entries table has
