@@ -4,15 +4,17 @@
 
 What a DataLoader worker does for one cached sample (pipeline/train_data.py), timed stage by stage in
 one process with one torch thread (as a worker runs): the image file read and JPEG decode, the view
-rendered at the student's input size (crop, resize, flip, and for S views RandAugment), the pixels
-made the model's input (normalise, erase), the cache read of the view's Swin-L-sized targets (final
-49×1536 and logits 1000, fp16 + zstd), and the batch collation (per sample, batches of 64). Also the
-whole ``ViewDataset.__getitem__`` + collate, which the stages should add up to.
+rendered at the student's input size (crop, resize, flip, and for S views RandAugment), the worker's
+part of the model's input, the cache read of the view's Swin-L-sized targets (final 49×1536 and logits
+1000, fp16 + zstd), and the batch collation (per sample, batches of 64). Also the whole
+``ViewDataset.__getitem__`` + collate, which the worker's stages should add up to.
 
-Two variants side by side in one run: ``now`` (the loader as it is: targets handed on as stored, fp16,
-and the normalisation on contiguous uint8 made float in place) and ``before`` (targets decoded to float32
-in the worker, and the normalisation as it was: on the permuted pixels, two temporaries), both the same
-values (tested: the normalisation gives the same bits, the fp16 → float32 conversion is exact).
+Three variants side by side in one run, the same model input in each (tested bit for bit):
+``now`` (the loader as it is: uint8 pixels and the erasing's boxes and fills handed on, normalised and
+erased on the trainer's device, ``on_device``, timed here on this CPU and kept apart from the worker's
+stages; targets as stored, fp16), ``float`` (the float32 input made in the worker, contiguous uint8 made
+float in place; targets as stored) and ``before`` (targets decoded to float32 in the worker, and the
+normalisation on the permuted pixels, two temporaries).
 
 The images are 500×375 JPEGs (quality 90, ImageNet's typical size) cut from scikit-image's sample
 photos. The targets come from a Swin-L-shaped teacher with one block per stage and random weights
@@ -37,12 +39,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from torch.utils.data import default_collate  # noqa: E402
 
 from step import machine  # noqa: E402
 
 VIEWS = {"plain": {}, "S": {"rand_augment": "rand-m9-mstd0.5-inc1", "erasing": 0.25}}
 BATCH = 64
+VARIANTS = ("before", "float", "now")
 
 
 def make_images(root: Path, n: int) -> Path:
@@ -89,13 +91,13 @@ def stages(cache: Path, variant: str, student_size=(224, 224)) -> dict[str, floa
     from pipeline.augment import apply_erasing
     from pipeline.datasets import SampleRef, load_image
     from pipeline.reader import CacheReader
-    from pipeline.train_data import ModelInput, ViewDataset
-    from pipeline.views import Replay
+    from pipeline.train_data import ModelInput, ViewDataset, collate_skipping
+    from pipeline.views import Erasing, Replay, to_model_input
 
     reader = CacheReader(cache)
     replay = Replay.from_manifest(reader.manifest["views"])
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    t = {k: 0.0 for k in ("decode", "render", "to_input", "cache_read", "collate", "getitem+collate")}
+    t = {k: 0.0 for k in ("decode", "render", "to_input", "cache_read", "collate", "on_device", "getitem+collate")}
     items = []
     n = len(reader)
     for i in range(n):
@@ -106,16 +108,21 @@ def stages(cache: Path, variant: str, student_size=(224, 224)) -> dict[str, floa
         view = replay.view(s["views"][0])
         pixels = replay.pixels(image, view, student_size, "bicubic")
         c = time.perf_counter()
-        if variant == "now":
-            x = replay.model_input(pixels, view, mean, std)
+        if variant == "now":  # uint8 as rendered, and the erasing's boxes and fills (drawn from the view's seed)
+            x = {"image": torch.from_numpy(pixels)}
+            if replay.config.erasing:
+                x["image_erasing"] = Erasing.of_views([(view.erase_seed, view.erase)], student_size,
+                                                      replay.config.erasing_mode)
+        elif variant == "float":
+            x = {"image": replay.model_input(pixels, view, mean, std)}
         else:
-            x = _normalize_before(pixels, mean, std)
+            x = {"image": _normalize_before(pixels, mean, std)}
             if view.erase:
-                x = apply_erasing(x, view.erase, view.erase_seed, replay.config.erasing_mode)
+                x["image"] = apply_erasing(x["image"], view.erase, view.erase_seed, replay.config.erasing_mode)
         d = time.perf_counter()
-        stored = reader.read(i, 0, ["final", "logits"], dtype=None if variant == "now" else np.float32)
-        item = {"image": x, "label": torch.tensor(s["label"]), "final": torch.from_numpy(stored["final"]),
-                "logits": torch.from_numpy(stored["logits"])}
+        stored = reader.read(i, 0, ["final", "logits"], dtype=np.float32 if variant == "before" else None)
+        item = x | {"label": torch.tensor(s["label"]), "final": torch.from_numpy(stored["final"]),
+                    "logits": torch.from_numpy(stored["logits"])}
         e = time.perf_counter()
         t["decode"] += b - a
         t["render"] += c - b
@@ -124,18 +131,22 @@ def stages(cache: Path, variant: str, student_size=(224, 224)) -> dict[str, floa
         items.append(item)
     for k in range(0, n, BATCH):
         a = time.perf_counter()
-        default_collate(items[k:k + BATCH])
+        batch = collate_skipping(items[k:k + BATCH])
         t["collate"] += time.perf_counter() - a
+        if variant == "now":  # what the trainer does with the batch on its device: here the CPU, one thread
+            a = time.perf_counter()
+            to_model_input(batch["image"], batch.get("image_erasing"), mean, std)
+            t["on_device"] += time.perf_counter() - a
     if variant == "now":
         student = ModelInput(student_size, "bicubic", mean, std)
-        teacher = ModelInput((224, 224), "bicubic", mean, std)
-        data = ViewDataset(reader, student, teacher)
+        data = ViewDataset(reader, student, ModelInput((224, 224), "bicubic", mean, std))
         a = time.perf_counter()
         for k in range(0, n, BATCH):
-            default_collate([data[i] for i in range(k, min(n, k + BATCH))])
+            collate_skipping([data[i] for i in range(k, min(n, k + BATCH))])
         t["getitem+collate"] = time.perf_counter() - a
     else:
         t.pop("getitem+collate")
+        t.pop("on_device")
     return {k: v / n for k, v in t.items()}
 
 
@@ -150,25 +161,27 @@ def main(argv=None) -> dict:
         work = Path(tmp)
         data = make_images(work / "data", args.samples)
         caches = {name: make_cache(data, work / f"cache-{name}", v) for name, v in VIEWS.items()}
-        runs = {f"{name} {variant}": [] for name in VIEWS for variant in ("before", "now")}
+        runs = {f"{name} {variant}": [] for name in VIEWS for variant in VARIANTS}
         for _ in range(args.repeats):  # round robin: a slow moment of a shared machine hits each alike
             for name, cache in caches.items():
-                for variant in ("before", "now"):
+                for variant in VARIANTS:
                     runs[f"{name} {variant}"].append(stages(cache, variant))
     result = {"machine": machine(), "samples": args.samples, "repeats": args.repeats, "student_input": [224, 224],
               "targets": {"final": [49, 1536], "logits": [1000], "codec": "fp16"},
               "ms_per_sample": {name: {k: round(1e3 * statistics.median(r[k] for r in rs), 3) for k in rs[0]}
                                 for name, rs in runs.items()}}
     for name, ms in result["ms_per_sample"].items():
-        parts = {k: v for k, v in ms.items() if k != "getitem+collate"}
-        ms["sum_of_stages"] = round(sum(parts.values()), 3)
-        ms["non_decode"] = round(sum(v for k, v in parts.items() if k != "decode"), 3)
+        worker = {k: v for k, v in ms.items() if k not in ("getitem+collate", "on_device")}
+        ms["sum_of_stages"] = round(sum(worker.values()), 3)  # a worker's, the device's share apart
+        ms["non_decode"] = round(sum(v for k, v in worker.items() if k != "decode"), 3)
     for name in VIEWS:
-        before, now = result["ms_per_sample"][f"{name} before"], result["ms_per_sample"][f"{name} now"]
-        result.setdefault("now_over_before", {})[name] = {
-            k: round(now[k] / before[k], 3) for k in ("to_input", "cache_read", "collate", "non_decode", "sum_of_stages")}
+        before = result["ms_per_sample"][f"{name} before"]
+        for variant in VARIANTS[1:]:
+            now = result["ms_per_sample"][f"{name} {variant}"]
+            result.setdefault(f"{variant}_over_before", {})[name] = {
+                k: round(now[k] / before[k], 3) for k in ("to_input", "cache_read", "collate", "non_decode", "sum_of_stages")}
     args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("ms_per_sample", "now_over_before")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k == "ms_per_sample" or k.endswith("_over_before")}, indent=2))
     return result
 
 

@@ -116,7 +116,7 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
     b_on = collate_skipping([data_on[i] for i in range(batch)])
     b_mem = collate_skipping([data[i] for i in range(batch)])
     mem_targets = Targets.from_final(b_mem["final"].float().to(device), b_mem["logits"].float().to(device))
-    x, y = b_mem["image"].to(device), b_mem["label"].to(device)
+    x, y = data.to_device(b_mem, "image", device), b_mem["label"].to(device)
     amp = device.type == "cuda" if bf16 is None else bf16
 
     def step(distiller, optimizer, targets, images=x, labels=y, amp=amp):
@@ -127,7 +127,7 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
         optimizer.step()
 
     def online_step():
-        step(dist_on, opt_on, online(b_on["teacher_image"].to(device)))
+        step(dist_on, opt_on, online(data_on.to_device(b_on, "teacher_image", device)))
 
     loader_state = {"it": None, "wait": []}
 
@@ -145,7 +145,7 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
             b = next(loader_state["it"])
         loader_state["wait"].append(time.perf_counter() - t)
         targets = Targets.from_final(b["final"].to(device).float(), b["logits"].to(device).float())
-        step(dist, opt, targets, b["image"].to(device), b["label"].to(device))
+        step(dist, opt, targets, data.to_device(b, "image", device), b["label"].to(device))
 
     import timm
 
@@ -159,7 +159,7 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
         loss.backward()
         opt_plain.step()
 
-    teacher_images = b_on["teacher_image"].to(device)
+    teacher_images = data_on.to_device(b_on, "teacher_image", device)
 
     def teacher_forward():
         online(teacher_images)
@@ -171,7 +171,7 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
 
         def online_bf16_step():
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                targets = online(b_on["teacher_image"].to(device))
+                targets = online(data_on.to_device(b_on, "teacher_image", device))
             step(dist_on, opt_on, Targets.from_final(targets.final.float(), targets.logits.float()))
 
         fns["online_bf16_teacher"] = online_bf16_step
@@ -223,7 +223,7 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
                      "workers_needed": round((batch / med["memory"]) / per_worker, 3)}
 
     # FLOPs: what caching can save is the teacher's forward
-    f_teacher = flops(lambda: online.split.targets(b_on["teacher_image"].to(device)))
+    f_teacher = flops(lambda: online.split.targets(data_on.to_device(b_on, "teacher_image", device)))
     f_step = flops(lambda: step(dist, opt, mem_targets))
     expected = (f_step + f_teacher) / f_step
     res["gflop_per_image"] = {"teacher_forward": round(f_teacher / batch / 1e9, 2),

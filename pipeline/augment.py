@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 __all__ = ["RandOp", "RandAugmentTable", "rand_augment_table", "sample_rand_augment", "apply_rand_augment",
-           "sample_color_jitter", "apply_color_jitter", "sample_erasing", "erase_boxes", "apply_erasing",
+           "sample_color_jitter", "apply_color_jitter", "sample_erasing", "erase_boxes", "erase_fills", "apply_erasing",
            "IMAGENET_FILL"]
 
 # The release pads with [104, 116, 124] in BGR order: ImageNet's mean in RGB, as timm's img_mean.
@@ -223,19 +223,23 @@ def erase_boxes(boxes, size: tuple[int, int]) -> list[tuple[int, int, int, int]]
     return out
 
 
+def erase_fills(boxes, seed: int, size: tuple[int, int], mode: str = "pixel", channels: int = 3):
+    """Each box's pixel box (top, left, h, w) at input size (H, W) with its fill (timm's modes: ``pixel``
+    N(0, 1) per pixel, (C, h, w); ``rand`` N(0, 1) per channel, (C, 1, 1); ``const`` None, a fill of 0),
+    the noise drawn from seed and the box index at this size."""
+    shapes = {"pixel": lambda h, w: (channels, h, w), "rand": lambda h, w: (channels, 1, 1), "const": None}
+    if mode not in shapes:
+        raise ValueError(f"unknown erasing mode {mode!r}; expected one of {sorted(shapes)}")
+    return [((t, l, h, w), None if shapes[mode] is None
+             else np.random.default_rng([seed, j]).standard_normal(shapes[mode](h, w), dtype=np.float32))
+            for j, (t, l, h, w) in enumerate(erase_boxes(boxes, size))]
+
+
 def apply_erasing(x: torch.Tensor, boxes, seed: int, mode: str = "pixel") -> torch.Tensor:
-    """x: a normalised (3, H, W) float tensor → a copy with the boxes filled (timm's modes: ``pixel``
-    N(0, 1) per pixel, ``rand`` N(0, 1) per channel, ``const`` 0), the noise drawn from seed and the box
-    index at this size."""
+    """x: a normalised (3, H, W) float tensor → a copy with the boxes filled (``erase_fills``)."""
     if not boxes:
         return x
     x = x.clone()
-    for j, (t, l, h, w) in enumerate(erase_boxes(boxes, tuple(x.shape[-2:]))):
-        rng = np.random.default_rng([seed, j])
-        shape = {"pixel": (x.shape[0], h, w), "rand": (x.shape[0], 1, 1), "const": None}[mode]
-        if shape is None:
-            x[:, t:t + h, l:l + w] = 0
-        else:
-            fill = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)).to(x.dtype)
-            x[:, t:t + h, l:l + w] = fill
+    for (t, l, h, w), fill in erase_fills(boxes, seed, tuple(x.shape[-2:]), mode, x.shape[0]):
+        x[:, t:t + h, l:l + w] = 0 if fill is None else torch.from_numpy(fill).to(x.dtype)
     return x

@@ -187,18 +187,18 @@ class TeacherForward:
             return self._forward(row)
 
     def _forward(self, row: dict) -> dict:
-        from .augment import apply_erasing
-        from .views import normalize
+        from .views import Erasing, to_model_input
 
         pixels = row.pop("pixels")
         erase = json.loads(row.pop("erase")) if "erase" in row else None
         outs: dict[str, list[np.ndarray]] = {r: [] for r in self.roles}
         for i in range(0, len(pixels), self.batch_size):
-            x = normalize(pixels[i : i + self.batch_size], self.mean, self.std)
-            if erase:  # random erasing after normalisation, each view's boxes filled from its seed
-                x = torch.stack([apply_erasing(xj, boxes, seed, erase["mode"])
-                                 for xj, (seed, boxes) in zip(x, erase["views"][i : i + len(x)])])
-            x = x.to(self.device)
+            chunk = pixels[i : i + self.batch_size]
+            # random erasing after normalisation, each view's boxes filled from its seed; the uint8 pixels are
+            # normalised and erased on the teacher's device
+            erasing = (Erasing.of_views(erase["views"][i : i + len(chunk)], tuple(chunk.shape[1:3]), erase["mode"])
+                       if erase else None)
+            x = to_model_input(chunk, erasing, self.mean, self.std, self.device)
             with teacher_precision(self.device, self.precision):
                 out = self.split.targets(x)
             for r in self.roles:

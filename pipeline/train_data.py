@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from .datasets import BadImage, SampleRef, load_image
 from .reader import CacheReader
 from .schema import ManifestError
-from .views import Replay, fingerprint
+from .views import Erasing, Replay, fingerprint, to_model_input
 
 __all__ = ["ModelInput", "ViewDataset", "ReplayError", "collate_skipping", "EpochOrder"]
 
@@ -37,8 +37,9 @@ class ModelInput:
 
 
 class ViewDataset(Dataset):
-    """Items: image (3, H, W) for the student, label, and the view's targets (final (N, C), logits)
-    from the cache, or teacher_image (3, Ht, Wt) when targets='online'."""
+    """Items: image (H, W, 3) uint8 for the student, label, and the view's targets (final (N, C), logits)
+    from the cache, or teacher_image (Ht, Wt, 3) uint8 when targets='online'; with erasing, each image's
+    boxes and fills (``image_erasing``, an Erasing). ``to_device`` makes a batch's model input."""
 
     def __init__(self, reader: CacheReader, student: ModelInput, teacher: ModelInput, targets: str = "cache",
                  verify_fingerprints: bool = False, on_corrupt: str = "stop"):
@@ -61,6 +62,23 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
+    def _pixels(self, key: str, image, params, model: ModelInput) -> dict:
+        # uint8 (H, W, 3) as rendered, normalised and erased on the trainer's device (to_device): a quarter of
+        # the bytes to collate and copy, and none of the float arithmetic in the worker
+        out = {key: torch.from_numpy(self.replay.pixels(image, params, model.size, model.interpolation))}
+        if self.replay.config.erasing:  # every item of an erasing cache carries its boxes, none or some
+            out[f"{key}_erasing"] = Erasing.of_views([(params.erase_seed, params.erase)], model.size,
+                                                     self.replay.config.erasing_mode)
+        return out
+
+    def to_device(self, batch: dict, key: str, device, non_blocking: bool = False,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """A collated batch's ``image`` (the student's) or ``teacher_image`` → the model's input (B, 3, H, W)
+        float32 on device: normalised, then erased, there."""
+        model = self.student if key == "image" else self.teacher
+        return to_model_input(batch[key], batch.get(f"{key}_erasing"), model.mean, model.std, device,
+                              non_blocking, memory_format)
+
     def __getitem__(self, i: int):
         # An index past the end carries its epoch (EpochOrder): a persistent worker's copy of this
         # dataset never sees set_epoch, so the epoch, and with it the view, travels with the index.
@@ -71,17 +89,16 @@ class ViewDataset(Dataset):
             image = load_image(SampleRef.from_sample(s))
             replay, st = self.replay, self.student
             params = replay.view(s["views"][view])
-            item = {"image": replay.model_input(replay.pixels(image, params, st.size, st.interpolation), params,
-                                                st.mean, st.std),
+            item = {**self._pixels("image", image, params, st),
                     "label": torch.tensor(s["label"]), "index": torch.tensor(i), "view": torch.tensor(view)}
             if self.verify or self.targets == "online":
                 t = self.teacher
-                pixels = replay.pixels(image, params, t.size, t.interpolation)
-                if self.verify and fingerprint(pixels, params) != s["fingerprints"][view]:
+                pixels = self._pixels("teacher_image", image, params, t)
+                if self.verify and fingerprint(pixels["teacher_image"].numpy(), params) != s["fingerprints"][view]:
                     raise ReplayError(f"sample {s['key']!r} view {view}: the replayed teacher input does not match "
                                       f"the fingerprint stored in {s['shard']} (the image changed since caching?)")
                 if self.targets == "online":
-                    item["teacher_image"] = replay.model_input(pixels, params, t.mean, t.std)
+                    item |= pixels
             if self.targets == "cache":
                 # as stored (fp16 by default): the trainer converts them to float32 on its device, exactly
                 stored = self.reader.read(i, view, ["final", "logits"], dtype=None)
@@ -115,4 +132,7 @@ class EpochOrder(Sampler[int]):
 def collate_skipping(items):
     """default_collate without the items a skipping dataset dropped (None)."""
     kept = [it for it in items if it is not None]
-    return default_collate(kept) if kept else None
+    if not kept:
+        return None
+    erasing = {k: Erasing.cat([it.pop(k) for it in kept]) for k in list(kept[0]) if isinstance(kept[0][k], Erasing)}
+    return default_collate(kept) | erasing

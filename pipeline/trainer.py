@@ -489,13 +489,13 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
                 share = counts[world.rank] * world.size / sum(counts)
             if b is None:
                 continue
-            images, labels = b["image"].to(device, non_blocking=pin), b["label"].to(device, non_blocking=pin)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            # uint8 pixels normalised and erased on the device (channels-last as they come, when the student is)
+            images = data.to_device(b, "image", device, pin, torch.channels_last if channels_last else torch.contiguous_format)
+            labels = b["label"].to(device, non_blocking=pin)
             # Targets in fp32 outside the student's autocast, as the cache holds them (the teacher runs at
             # the cache's precision inside OnlineTargets).
             if online is not None:
-                targets = online(b["teacher_image"].to(device, non_blocking=pin))
+                targets = online(data.to_device(b, "teacher_image", device, pin))
             else:
                 targets = Targets.from_final(b["final"].to(device, non_blocking=pin).float(),
                                              b["logits"].to(device, non_blocking=pin).float())

@@ -31,8 +31,8 @@ from pydantic.dataclasses import dataclass as checked_dataclass
 
 from . import augment
 
-__all__ = ["ViewParams", "ViewConfig", "Replay", "sample_views", "render_view", "model_input", "normalize",
-           "fingerprint", "VIEW_FIELDS", "view_fields"]
+__all__ = ["ViewParams", "ViewConfig", "Replay", "sample_views", "render_view", "model_input", "to_model_input",
+           "normalize", "Erasing", "fingerprint", "VIEW_FIELDS", "view_fields"]
 
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
 _JITTER_FIELDS = tuple(f"jitter_order{i}" for i in range(4)) + (
@@ -238,25 +238,87 @@ def render_view(image: Image.Image, view: ViewParams, size: tuple[int, int], int
     return np.array(out, dtype=np.uint8)
 
 
+@dataclass(frozen=True)
+class Erasing:
+    """The random erasing of a batch of views at one input size, ready to paste on any device after
+    normalisation: rows (N, 5) int64 of (sample, top, left, height, width) pixel boxes and their fills
+    (``augment.erase_fills``) flattened into one float32 tensor, in row order. Made in a loader worker
+    (the fills are drawn there, on the CPU, from each view's seed), batched by ``Erasing.cat``."""
+
+    rows: torch.Tensor
+    fills: torch.Tensor
+    mode: str = "pixel"
+
+    @classmethod
+    def of_views(cls, views, size: tuple[int, int], mode: str = "pixel", channels: int = 3) -> "Erasing":
+        """views: (seed, relative boxes) of each sample of the batch; size: the model's (H, W)."""
+        rows, fills = [], []
+        for i, (seed, boxes) in enumerate(views):
+            for (t, l, h, w), fill in augment.erase_fills(boxes, seed, size, mode, channels):
+                rows.append((i, t, l, h, w))
+                if fill is not None:
+                    fills.append(fill.ravel())
+        return cls(torch.tensor(rows, dtype=torch.int64).reshape(-1, 5),
+                   torch.from_numpy(np.concatenate(fills) if fills else np.zeros(0, np.float32)), mode)
+
+    @classmethod
+    def cat(cls, parts: list["Erasing"]) -> "Erasing":
+        """One batch's erasing from its samples' (each of one sample, numbered 0)."""
+        rows = [p.rows + torch.tensor([i, 0, 0, 0, 0]) for i, p in enumerate(parts)]
+        return cls(torch.cat(rows), torch.cat([p.fills for p in parts]), parts[0].mode)
+
+    def pin_memory(self) -> "Erasing":  # a DataLoader's pin_memory calls it
+        return Erasing(self.rows, self.fills.pin_memory(), self.mode)
+
+    def paste(self, x: torch.Tensor) -> torch.Tensor:
+        """Fill the boxes of x (B, C, H, W), normalised, in place: one copy per box, the fills moved to
+        x's device once."""
+        fills, at, C = self.fills.to(x.device, non_blocking=True), 0, x.shape[1]
+        for i, t, l, h, w in self.rows.tolist():
+            if self.mode == "const":
+                x[i, :, t:t + h, l:l + w] = 0
+                continue
+            shape = (C, h, w) if self.mode == "pixel" else (C, 1, 1)
+            n = shape[0] * shape[1] * shape[2]
+            x[i, :, t:t + h, l:l + w] = fills[at:at + n].view(shape)
+            at += n
+        return x
+
+
 def model_input(pixels: np.ndarray, view: ViewParams, mean, std, erasing_mode: str = "pixel") -> torch.Tensor:
     """A rendered view (H, W, 3) uint8 → the model's input (3, H, W) float32: normalised, then erased."""
-    x = normalize(pixels, mean, std)
-    return augment.apply_erasing(x, view.erase, view.erase_seed, erasing_mode) if view.erase else x
+    erasing = Erasing.of_views([(view.erase_seed, view.erase)], pixels.shape[:2], erasing_mode) if view.erase else None
+    return to_model_input(pixels[None], erasing, mean, std)[0]
 
 
-def normalize(pixels: np.ndarray | torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, H, W, 3) or (H, W, 3) → float32 (B, 3, H, W) or (3, H, W), (x/255 − mean)/std."""
+def to_model_input(pixels: np.ndarray | torch.Tensor, erasing: Erasing | None, mean, std,
+                   device: torch.device | str = "cpu", non_blocking: bool = False,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A batch of rendered views (B, H, W, 3) uint8 → the model's input (B, 3, H, W) float32 on device:
+    the uint8 pixels moved there (a quarter of the float bytes), normalised there, then erased. The
+    same bits on every device: (x / 255 − mean) / std as three true divisions and a subtraction."""
     if isinstance(pixels, np.ndarray):  # a read-only array (a Ray block's) is copied: torch wants writable memory
+        pixels = torch.from_numpy(np.ascontiguousarray(pixels) if pixels.flags.writeable else pixels.copy())
+    x = normalize(pixels.to(device, non_blocking=non_blocking), mean, std, memory_format)
+    return erasing.paste(x) if erasing is not None and len(erasing.rows) else x
+
+
+def normalize(pixels: np.ndarray | torch.Tensor, mean, std,
+              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 (B, H, W, 3) or (H, W, 3) → float32 (B, 3, H, W) or (3, H, W), (x/255 − mean)/std, on the
+    pixels' device. memory_format=torch.channels_last (batches): laid out as the pixels are, no copy."""
+    if isinstance(pixels, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(pixels) if pixels.flags.writeable else pixels.copy())
     else:
         x = pixels
-    # uint8 made channels-first and contiguous before the float conversion, then the same three operations
-    # in place: the same bits as (x / 255 − mean) / std, 2.5× faster than on the permuted floats
-    x = (x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)).contiguous().float()
+    # uint8 made channels-first (contiguous, or channels-last as stored) before the float conversion, then the
+    # same three operations in place, 2.5× faster than on permuted floats. The constants are tensors on x's
+    # device: CUDA would multiply by the reciprocal of a Python scalar divisor (other bits than the CPU's).
+    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)
+    x = x.contiguous(memory_format=memory_format).float() if x.ndim == 4 else x.contiguous().float()
     shape = (1, 3, 1, 1) if x.ndim == 4 else (3, 1, 1)
-    mean = torch.tensor(mean, dtype=torch.float32).view(shape)
-    std = torch.tensor(std, dtype=torch.float32).view(shape)
-    return x.div_(255).sub_(mean).div_(std)
+    c = torch.tensor([255.0, *mean, *std], dtype=torch.float32).to(x.device, non_blocking=True)
+    return x.div_(c[:1]).sub_(c[1:4].view(shape)).div_(c[4:].view(shape))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from skimage import data as skdata
 
 from pipeline.augment import (RandOp, apply_erasing, erase_boxes, rand_augment_table, sample_erasing,
                               sample_rand_augment)
-from pipeline.views import ViewConfig, ViewParams, fingerprint, model_input, render_view, sample_views, view_fields
+from pipeline.views import (Erasing, ViewConfig, ViewParams, fingerprint, model_input, render_view, sample_views,
+                            to_model_input, view_fields)
 
 RA = "rand-m9-mstd0.5-inc1"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -166,6 +167,31 @@ def test_an_erased_views_fingerprint_covers_its_box_and_seed():
     assert (x != model_input(pixels, ViewParams(**BOX), MEAN, STD)).sum() == 3 * 68 * 45
 
 
+@pytest.mark.parametrize("mode", ["pixel", "rand", "const"])
+def test_a_batch_erased_on_its_device_is_bit_for_bit_each_views_own_input(mode):
+    """The trainer's path (uint8 batch and Erasing.cat'ed boxes, normalised and pasted where the model runs,
+    here the CPU) against each view's own model_input (normalised, then apply_erasing), in either layout."""
+    rng = np.random.default_rng(11)
+    views = [ViewParams(**BOX)] + [ViewParams(**BOX, erase=boxes, erase_seed=seed) for seed, boxes in
+                                   (sample_erasing(rng, TEACHER, 1.0, (0.02, 1 / 3), (0.3, 1 / 0.3), 3) for _ in range(3))]
+    assert sum(len(v.erase) for v in views) >= 4  # several boxes, one view with none
+    pixels = [render_view(IMAGE, v, STUDENT, "bicubic") for v in views]
+    # each view's own input: (x / 255 − mean) / std, then apply_erasing (the per-view fill of erase_fills)
+    plain = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
+    plain = (plain / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    own = torch.stack([apply_erasing(x, v.erase, v.erase_seed, mode) for x, v in zip(plain, views)])
+    erasing = Erasing.cat([Erasing.of_views([(v.erase_seed, v.erase)], STUDENT, mode) for v in views])
+    assert erasing.rows[:, 0].tolist() == [i for i, v in enumerate(views) for _ in v.erase]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = to_model_input(torch.from_numpy(np.stack(pixels)), erasing, MEAN, STD, memory_format=layout)
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=layout)
+        assert torch.equal(x, own)
+    for p, v, x in zip(pixels, views, own):  # the one-view form the cache inspection uses
+        assert torch.equal(model_input(p, v, MEAN, STD, mode), x)
+    assert torch.equal(own[0], plain[0])
+    assert all((own[i] != plain[i]).any() for i in (1, 2, 3))  # the erased views are erased
+
+
 def test_the_k_views_of_an_image_draw_different_ops_and_the_rows_round_trip():
     cfg = ViewConfig(per_image=8, rand_augment=RA, erasing=0.5, erasing_count=2, color_jitter=(0.4, 0.4, 0.4, 0.1))
     fields = view_fields(cfg)
@@ -258,3 +284,27 @@ def test_cached_loss_terms_equal_online_on_randaugment_and_erasing_views(augment
         assert set(cached) == set(online)
         for k in cached:
             assert cached[k] == pytest.approx(online[k], rel=1e-5, abs=1e-7), k
+
+
+def test_forked_loader_workers_hand_on_uint8_pixels_and_erasing_giving_the_in_process_input(augmented):
+    """Through a DataLoader's forked workers (shared memory, Erasing pickled across) the batch's model input
+    is bit for bit the in-process one, and the pixels travel as uint8."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.reader import CacheReader
+    from pipeline.train_data import ModelInput, ViewDataset, collate_skipping
+
+    data = ViewDataset(CacheReader(augmented["cache"]), ModelInput((64, 64), "bicubic", MEAN, STD),
+                       ModelInput((224, 224), "bicubic", MEAN, STD), targets="online")
+    n = len(data)
+    forked = list(DataLoader(data, batch_size=n, num_workers=1, collate_fn=collate_skipping,
+                             multiprocessing_context="fork"))[0]
+    here = collate_skipping([data[i] for i in range(n)])
+    assert forked["image"].dtype == torch.uint8 and forked["image"].shape == (n, 64, 64, 3)
+    assert len(forked["image_erasing"].rows) == len(here["image_erasing"].rows) > 0
+    for key in ("image", "teacher_image"):
+        x = data.to_device(forked, key, "cpu")
+        assert torch.equal(x, data.to_device(here, key, "cpu"))
+    erased = int(forked["teacher_image_erasing"].rows[0, 0])
+    assert not torch.equal(data.to_device(forked, "teacher_image", "cpu")[erased],
+                           to_model_input(forked["teacher_image"][erased:erased + 1], None, MEAN, STD)[0])

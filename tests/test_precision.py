@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import default_collate
 
 from _cache_helpers import make_imagefolder, make_spec, manifest, replay, run, save_checkpoint
 from pipeline.cache_job import CacheConfigError, TeacherForward
 from pipeline.job_spec import TrainSpec, load_cache_spec
 from pipeline.reader import CacheReader
+from pipeline.train_data import collate_skipping
 from pipeline.trainer import build_run
 from scalekd.targets import OnlineTargets, Targets, teacher_precision
 from scalekd.teacher import TeacherSplit
@@ -129,11 +129,11 @@ def _train_spec(cache, output, **kw) -> TrainSpec:
 def _terms(spec, epoch):
     reader, data, distiller, online, _ = build_run(spec, torch.device("cpu"))
     data.set_epoch(epoch)
-    b = default_collate([data[i] for i in range(4)])
+    b = collate_skipping([data[i] for i in range(4)])
     distiller.train()
-    targets = online(b["teacher_image"]) if online is not None else Targets.from_final(b["final"].float(),
-                                                                                       b["logits"].float())
-    out = distiller(b["image"], targets, b["label"])
+    targets = (online(data.to_device(b, "teacher_image", "cpu")) if online is not None
+               else Targets.from_final(b["final"].float(), b["logits"].float()))
+    out = distiller(data.to_device(b, "image", "cpu"), targets, b["label"])
     return {k: v.item() for k, v in out.items() if k != "logits"}, targets, online
 
 

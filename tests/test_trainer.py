@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from torch.utils.data import default_collate
 
 from _cache_helpers import TEACHER_KWARGS, TEACHER_NAME, make_imagefolder, make_spec, run, save_checkpoint
 from pipeline.job_spec import TrainSpec
 from pipeline.late import CacheMismatchError, build_late
 from pipeline.reader import CacheReader
 from pipeline.schema import ManifestError
+from pipeline.train_data import collate_skipping
 from pipeline.trainer import build_run, train
 from pipeline.weights import file_sha256
 from scalekd.targets import Targets
@@ -49,7 +49,7 @@ def _spec(world, cache, output, **kw) -> TrainSpec:
 
 
 def _batch(data, indices):
-    return default_collate([data[i] for i in indices])
+    return collate_skipping([data[i] for i in indices])
 
 
 def _terms(spec, indices=(0, 1, 2, 3), epoch=0):
@@ -59,10 +59,10 @@ def _terms(spec, indices=(0, 1, 2, 3), epoch=0):
     b = _batch(data, list(indices))
     distiller.train()
     if online is not None:
-        targets = online(b["teacher_image"])
+        targets = online(data.to_device(b, "teacher_image", "cpu"))
     else:
         targets = Targets.from_final(b["final"].float(), b["logits"].float())
-    out = distiller(b["image"], targets, b["label"])
+    out = distiller(data.to_device(b, "image", "cpu"), targets, b["label"])
     return {k: v.item() for k, v in out.items() if k != "logits"}, targets
 
 
@@ -307,7 +307,7 @@ def test_exported_student_loads_in_plain_timm_with_the_same_logits(world, tmp_pa
     _, data, distiller, _, _ = build_run(spec, torch.device("cpu"))
     distiller.student.model.load_state_dict(_weights(result["student"]))
     distiller.eval()
-    x = _batch(data, [0, 1, 2])["image"]
+    x = data.to_device(_batch(data, [0, 1, 2]), "image", "cpu")
     with torch.no_grad():
         torch.testing.assert_close(plain(x), distiller.student(x)[2], rtol=0, atol=0)
     assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -452,7 +452,10 @@ def test_channels_last_gives_the_same_loss_and_gradients_within_float_rounding(w
     nhwc.student.to(memory_format=torch.channels_last)
     nhwc.caps.to(memory_format=torch.channels_last)
     results = []
-    for model, images in ((distiller, b["image"]), (nhwc, b["image"].contiguous(memory_format=torch.channels_last))):
+    images = data.to_device(b, "image", "cpu")
+    nhwc_images = data.to_device(b, "image", "cpu", memory_format=torch.channels_last)
+    assert nhwc_images.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc_images, images)
+    for model, images in ((distiller, images), (nhwc, nhwc_images)):
         model.train()
         terms = model(images, targets, b["label"])
         terms["loss"].backward()
