@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python bench/memory.py --json bench/memory-swinl.json
 	$(BIN)/python bench/precision.py
 	$(BIN)/python bench/writer.py
+	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/report.py
 
 # ImageNet-1K scale (1,281,167 images × K = 4): the cache's metadata, reads and bookkeeping, on synthetic
@@ -72,6 +73,7 @@ bench-quick: setup
 	$(BIN)/python bench/memory.py --quick --json .work/memory-quick.json
 	$(BIN)/python bench/precision.py --quick --json .work/results-precision-quick.json
 	$(BIN)/python bench/writer.py --quick --json .work/results-writer-quick.json
+	$(BIN)/python bench/loader.py --samples 8 --repeats 1 --json .work/results-loader-quick.json
 	$(BIN)/python bench/scale.py --quick
 
 clean:

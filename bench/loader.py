@@ -157,6 +157,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results-loader.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # as a DataLoader worker runs
+    (ROOT / ".work").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / ".work") as tmp:
         work = Path(tmp)
         data = make_images(work / "data", args.samples)

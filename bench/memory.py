@@ -43,7 +43,7 @@ def measure(teacher: str, student: str, work: Path) -> dict:
 
     refs, classes, skipped = ds.list_dataset(spec.dataset)
     original = ds.list_dataset
-    ds.list_dataset = lambda s: (refs[:: max(1, len(refs) // 8)][:8], classes, skipped)
+    ds.list_dataset = lambda s: (ds.Listing.from_refs(list(refs)[:: max(1, len(refs) // 8)][:8]), classes, skipped)
     import pipeline.cache_job as cj
 
     cj.list_dataset = ds.list_dataset

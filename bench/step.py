@@ -89,9 +89,10 @@ def make_cache(teacher: str, cfg: dict, work: Path, samples: int, device: str) -
                      output=str(out), views=ViewConfig(per_image=1, seed=0), roles={"final": "fp16", "logits": "fp16"},
                      samples_per_shard=samples, batch_size=8, device=device)
     import pipeline.cache_job as cj
+    from pipeline.datasets import Listing
 
     original = cj.list_dataset
-    cj.list_dataset = lambda s: (lambda r: (r[0][:samples], r[1], r[2]))(original(s))
+    cj.list_dataset = lambda s: (lambda r: (Listing.from_refs(r[0][:samples]), r[1], r[2]))(original(s))
     try:
         run_cache_job(spec, engine="local", progress=False, log=lambda m: None)
     finally:
@@ -100,7 +101,7 @@ def make_cache(teacher: str, cfg: dict, work: Path, samples: int, device: str) -
 
 
 def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int, workers: int, device,
-                  bf16: bool | None = None) -> dict:
+                  bf16: bool | None = None, sweep: tuple[int, ...] = ()) -> dict:
     cache = make_cache(teacher, cfg, work, batch * (repeats + 2), device.type)  # at most the 240 demo tiles
     base = dict(name="bench", cache=str(cache), student="resnet50", output=str(work / "run"), recipe="traditional",
                 batch_size=batch, workers=workers, device=device.type, lr=0.01)
@@ -184,21 +185,31 @@ def bench_teacher(teacher: str, cfg: dict, work: Path, batch: int, repeats: int,
     # cannot: the cached step alone, `2 × repeats` in a row (the rate a training run sees), on the
     # cache repeated so that no epoch restart (workers refilling from empty) falls inside the timing
     n = 2 * repeats
-    long = torch.utils.data.ConcatDataset([data] * -(-(n + 2 + workers) * batch // len(data)))
-    loader = DataLoader(long, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collate_skipping,
-                        pin_memory=device.type == "cuda", drop_last=True)
-    loader_state["loader"], loader_state["it"] = loader, iter(loader)
-    cached_step()
-    time.sleep(1.0)  # the workers' first batches: a run's start, not its rate
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(n):
+
+    def back_to_back(w: int) -> dict:
+        long = torch.utils.data.ConcatDataset([data] * -(-(n + 2 + w) * batch // len(data)))
+        loader = DataLoader(long, batch_size=batch, shuffle=False, num_workers=w, collate_fn=collate_skipping,
+                            pin_memory=device.type == "cuda", drop_last=True)
+        loader_state["loader"], loader_state["it"] = loader, iter(loader)
         cached_step()
-    _sync(device)
-    res["cached_back_to_back_s"] = round((time.perf_counter() - t) / n, 4)
-    res["loader_wait_back_to_back_median_s"] = round(statistics.median(loader_state["wait"][-n:]), 4)
-    res["loader_wait_back_to_back_max_s"] = round(max(loader_state["wait"][-n:]), 4)
-    del loader, loader_state["it"]
+        time.sleep(1.0)  # the workers' first batches: a run's start, not its rate
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(n):
+            cached_step()
+        _sync(device)
+        out = {"s": round((time.perf_counter() - t) / n, 4),
+               "wait_median_s": round(statistics.median(loader_state["wait"][-n:]), 4),
+               "wait_max_s": round(max(loader_state["wait"][-n:]), 4)}
+        loader_state["it"] = loader_state["loader"] = None  # its workers end before the next count's start
+        return out
+
+    b2b = back_to_back(workers)
+    res["cached_back_to_back_s"] = b2b["s"]
+    res["loader_wait_back_to_back_median_s"] = b2b["wait_median_s"]
+    res["loader_wait_back_to_back_max_s"] = b2b["wait_max_s"]
+    if sweep:  # the same back to back with other worker counts: the CPU the workers take from the step's thread
+        res["back_to_back_by_workers"] = {str(w): back_to_back(w) for w in sweep}
     # what the measured teacher forward allows: online = cached step + teacher forward
     res["a/b_expected_by_time"] = round((med["memory"] + med["teacher_forward"]) / med["memory"], 3)
     res["ratios"] = {"a/b online/cached": round(med["online"] / med["cached"], 3),
@@ -307,6 +318,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers for (b); default 0 on CPU (a worker would take one of the cores the step "
                         "uses, so reading is paid in series and shows in b/c), 4 on GPU")
+    p.add_argument("--sweep-workers", type=int, nargs="*", default=[],
+                   help="also time the cached step back to back with each of these loader worker counts")
     p.add_argument("--teachers", nargs="*", default=list(TEACHERS))
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the steps (default: on CUDA only)")
@@ -323,7 +336,7 @@ def main(argv=None):
     results = {"machine": machine(), "device": device.type, "results": []}
     with tempfile.TemporaryDirectory(dir=ROOT / ".work") as work:
         for t in teachers:
-            r = bench_teacher(t, TEACHERS[t], Path(work), batch, repeats, workers, device, a.bf16)
+            r = bench_teacher(t, TEACHERS[t], Path(work), batch, repeats, workers, device, a.bf16, tuple(a.sweep_workers))
             results["results"].append(r)
             print(json.dumps(r, indent=1), flush=True)
             Path(a.json).write_text(json.dumps(results, indent=1))  # after each teacher: a cut run keeps some

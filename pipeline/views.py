@@ -297,20 +297,21 @@ def to_model_input(pixels: np.ndarray | torch.Tensor, erasing: Erasing | None, m
     """A batch of rendered views (B, H, W, 3) uint8 → the model's input (B, 3, H, W) float32 on device:
     the uint8 pixels moved there (a quarter of the float bytes), normalised there, then erased. The
     same bits on every device: (x / 255 − mean) / std as three true divisions and a subtraction."""
-    if isinstance(pixels, np.ndarray):  # a read-only array (a Ray block's) is copied: torch wants writable memory
-        pixels = torch.from_numpy(np.ascontiguousarray(pixels) if pixels.flags.writeable else pixels.copy())
-    x = normalize(pixels.to(device, non_blocking=non_blocking), mean, std, memory_format)
+    x = normalize(_tensor(pixels).to(device, non_blocking=non_blocking), mean, std, memory_format)
     return erasing.paste(x) if erasing is not None and len(erasing.rows) else x
+
+
+def _tensor(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(pixels, np.ndarray):  # a read-only array (a Ray block's) is copied: torch wants writable memory
+        return torch.from_numpy(np.ascontiguousarray(pixels) if pixels.flags.writeable else pixels.copy())
+    return pixels
 
 
 def normalize(pixels: np.ndarray | torch.Tensor, mean, std,
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """uint8 (B, H, W, 3) or (H, W, 3) → float32 (B, 3, H, W) or (3, H, W), (x/255 − mean)/std, on the
     pixels' device. memory_format=torch.channels_last (batches): laid out as the pixels are, no copy."""
-    if isinstance(pixels, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(pixels) if pixels.flags.writeable else pixels.copy())
-    else:
-        x = pixels
+    x = _tensor(pixels)
     # uint8 made channels-first (contiguous, or channels-last as stored) before the float conversion, then the
     # same three operations in place, 2.5× faster than on permuted floats. The constants are tensors on x's
     # device: CUDA would multiply by the reciprocal of a Python scalar divisor (other bits than the CPU's).

@@ -213,6 +213,13 @@ def temporaries(root: Path) -> list[str]:
     return sorted(p.name for p in root.glob(".tmp-*")) if root.is_dir() else []
 
 
+def shard_temporaries(root: Path) -> list[str]:
+    """The half-written shards (``.tmp-shard-*``): not the index's or the manifest's own brief temporaries,
+    which come and go in milliseconds and would make a kill point meant for a half-written shard a race."""
+    root = Path(root)
+    return sorted(p.name for p in root.glob(".tmp-shard-*")) if root.is_dir() else []
+
+
 def wait_for(pred, proc: subprocess.Popen, timeout: float = 90.0, poll: float = 0.005) -> bool:
     """Poll until pred() or the process ends or timeout; True when pred() held with the process alive."""
     end = time.monotonic() + timeout

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from _cache_helpers import (CORRUPT_KEY, FINAL_SHAPE, FP32, LOGITS_SHAPE, MID_SHAPE, TEACHER_KWARGS, TEACHER_NAME,
                             all_keys, committed, file_sums, load_split, make_imagefolder, make_spec, manifest, replay,
-                            run, save_checkpoint, shard_sums, start_job_subprocess, sigkill_when, temporaries, view_config)
+                            run, save_checkpoint, shard_sums, shard_temporaries, start_job_subprocess, sigkill_when,
+                            temporaries, view_config)
 from pipeline.cache_job import CacheConfigError
 from pipeline.datasets import DatasetError, list_dataset, load_image
 from pipeline.inspect_cache import verify
@@ -442,11 +443,11 @@ def _kill_and_resume(killable, tmp_path, fmt: str, after: int, mid_write: bool):
     out = tmp_path / "killed"
     spec = make_spec(killable.data, out, killable.ckpt, fmt=fmt, samples_per_shard=2, per_image=2, batch_size=4)
     proc = start_job_subprocess(spec, delay=0.3)
-    sigkill_when(lambda: len(committed(out)) >= after and (not mid_write or temporaries(out)), proc, "the job")
+    sigkill_when(lambda: len(committed(out)) >= after and (not mid_write or shard_temporaries(out)), proc, "the job")
     done = committed(out)
     assert after <= len(done) < 12, done
     if mid_write:
-        assert temporaries(out), "the kill should have left a half-written shard"
+        assert shard_temporaries(out), "the kill should have left a half-written shard"
     m = manifest(out)
     assert m["complete"] is False and len(m["shards"]) <= len(done)
     # the re-run: skips what is committed, redoes the rest, ends complete and identical
@@ -520,7 +521,7 @@ def _kill_repeatedly(killable, tmp_path, fmt: str, kills: int, seed: int) -> dic
         target = min(len(committed(out)) + rng.randint(0, 2), 10)  # 12 shards: the job never ends first
         mid_write, jitter = rng.random() < 0.5, rng.uniform(0.0, 0.4)
         proc = start_job_subprocess(spec, delay=0.3)
-        sigkill_when(lambda: len(committed(out)) >= target and (not mid_write or temporaries(out)), proc, "the job",
+        sigkill_when(lambda: len(committed(out)) >= target and (not mid_write or shard_temporaries(out)), proc, "the job",
                      jitter=jitter)
         survived += 1
         # after each kill: the manifest (once written) lists only intact, committed shards and is not complete

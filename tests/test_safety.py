@@ -96,7 +96,7 @@ from types import SimpleNamespace
 from typer.testing import CliRunner
 
 from _cache_helpers import (committed, make_imagefolder, make_spec, manifest, run, save_checkpoint, shard_sums,
-                            start_job_subprocess, temporaries, wait_for)
+                            shard_temporaries, start_job_subprocess, temporaries, wait_for)
 from pipeline.cache_job import CacheConfigError
 from pipeline.inspect_cache import verify
 from pipeline.job_spec import TrainSpec
@@ -210,8 +210,8 @@ def test_a_second_cache_job_on_a_running_ones_output_is_refused_and_touches_noth
     spec = _spec(base, out)
     proc = start_job_subprocess(spec, delay=1.0)
     try:
-        assert wait_for(lambda: bool(temporaries(out)), proc), proc.communicate(timeout=60)
-        live = temporaries(out)
+        assert wait_for(lambda: bool(shard_temporaries(out)), proc), proc.communicate(timeout=60)
+        live = shard_temporaries(out)
         with pytest.raises(OutputBusyError) as e:
             run(spec)
         assert re.fullmatch(rf"output {re.escape(str(out))} is in use by another cache job \(host "

@@ -1,0 +1,38 @@
+"""The benchmark scripts still run against the library (an API change must not break them silently:
+`make bench` and the device scripts call them). Their numbers are not checked: a smoke run is not a
+measurement."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: int) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_loader_benchmark_runs_and_reports_every_stage_of_each_variant(tmp_path):
+    out = tmp_path / "loader.json"
+    _run("loader.py", "--samples", "8", "--repeats", "1", "--json", str(out), timeout=300)
+    ms = json.loads(out.read_text())["ms_per_sample"]
+    assert set(ms) == {f"{v} {k}" for v in ("plain", "S") for k in ("before", "float", "now")}
+    for name, stages in ms.items():
+        worker = [stages[k] for k in ("decode", "render", "to_input", "cache_read", "collate")]
+        assert all(t > 0 for t in worker), name
+        assert stages["sum_of_stages"] == pytest.approx(sum(worker), abs=2e-3)
+        assert ("on_device" in stages) == name.endswith("now")
+
+
+@pytest.mark.slow
+def test_the_step_benchmark_runs(tmp_path):
+    out = tmp_path / "step.json"
+    _run("step.py", "--quick", "--json", str(out), timeout=900)
+    assert json.loads(out.read_text())["results"][0]["cached_back_to_back_s"] > 0
