@@ -61,10 +61,12 @@ bench: setup
 	$(BIN)/python bench/report.py
 
 # ImageNet-1K scale (1,281,167 images × K = 4): the cache's metadata, reads and bookkeeping, on synthetic
-# metadata of full size (kept in .work/scale, ~3 GB); writes bench/results-scale.{json,md}. SCALE_ARGS=--quick for CI.
+# metadata of full size (kept in .work/scale, ~3 GB, and 8.5 GB of webdataset tars); writes bench/results-scale.{json,md}
+# and bench/results-tar-listing.json (the input listing: the header scan vs tarfile). SCALE_ARGS=--quick for CI.
 SCALE_ARGS ?=
 bench-scale: setup
 	$(BIN)/python bench/scale.py $(SCALE_ARGS)
+	$(BIN)/python bench/tar_listing.py $(SCALE_ARGS)
 
 # A smoke run of the benchmark code (CI-sized; its numbers are not measurements).
 bench-quick: setup
@@ -75,6 +77,7 @@ bench-quick: setup
 	$(BIN)/python bench/writer.py --quick --json .work/results-writer-quick.json
 	$(BIN)/python bench/loader.py --samples 8 --repeats 1 --json .work/results-loader-quick.json
 	$(BIN)/python bench/scale.py --quick
+	$(BIN)/python bench/tar_listing.py --quick
 
 clean:
 	rm -rf .work cache runs

@@ -31,6 +31,14 @@ def test_the_loader_benchmark_runs_and_reports_every_stage_of_each_variant(tmp_p
         assert ("on_device" in stages) == name.endswith("now")
 
 
+def test_the_tar_listing_benchmark_lists_the_same_samples_both_ways(tmp_path):
+    out = tmp_path / "tars.json"
+    _run("tar_listing.py", "--tars", "2", "--rounds", "1", "--work", str(tmp_path), "--json", str(out), timeout=300)
+    result = json.loads(out.read_text())
+    assert (result["samples"], result["members"], result["headers"]) == (2000, 6000, 12000)
+    assert set(result["median_s"]) == {"tarfile", "scan"}
+
+
 @pytest.mark.slow
 def test_the_step_benchmark_runs(tmp_path):
     out = tmp_path / "step.json"

@@ -209,6 +209,101 @@ def test_webdataset_duplicate_keys_and_empty_shards_are_errors(tmp_path):
         list_dataset({"kind": "webdataset", "urls": str(not_tar)})
 
 
+def _tarfile_members(path):
+    with tarfile.open(path, "r:") as tar:
+        return [(i.name, "dir" if i.isdir() else "file" if i.isfile() else "other", i.offset_data, i.size) for i in tar]
+
+
+def _odd_tar(path, fmt, global_pax=None):
+    """Every kind of member tar writes, in one of its formats: long names (a ustar prefix, a GNU long name
+    or a pax path), non-ASCII and 'BZh' names, empty files, folders, links, a fifo, float mtimes."""
+    with tarfile.open(path, "w", format=fmt, pax_headers=global_pax or {}) as tar:
+        def add(name, data=b"", kind=tarfile.REGTYPE, **kw):
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.mtime = kind, len(data), kw.pop("mtime", 1_700_000_000.25)
+            for k, v in kw.items():
+                setattr(info, k, v)
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+        add("BZh9-first.jpg", b"x" * 700)
+        add("dir", kind=tarfile.DIRTYPE)
+        add("dir/a.cls", b"3")
+        add("empty.jpg")
+        add("/".join(["deep"] * 20) + "/img.jpg", b"y" * 513)  # 119 characters: ustar prefix, GNU or pax name
+        add("n" * 130 + ".png", b"z" * 1024)  # a base name past 100 characters: GNU or pax only
+        add("link.jpg", kind=tarfile.SYMTYPE, linkname="empty.jpg")
+        add("hard.jpg", kind=tarfile.LNKTYPE, linkname="empty.jpg")
+        add("fifo", kind=tarfile.FIFOTYPE)
+        add("tail.cls", b"12", mtime=5)
+
+
+@pytest.mark.parametrize("fmt,names", [(tarfile.USTAR_FORMAT, "ustar"), (tarfile.GNU_FORMAT, "gnu"),
+                                       (tarfile.PAX_FORMAT, "pax")])
+def test_the_header_scan_lists_every_member_as_tarfile_does(tmp_path, fmt, names):
+    path = tmp_path / f"{names}.tar"
+    if fmt == tarfile.USTAR_FORMAT:  # ustar cannot hold a 130-character base name: the rest of the set
+        with pytest.raises(ValueError):
+            _odd_tar(path, fmt)
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, data in (("BZh.jpg", b"a"), ("/".join(["deep"] * 20) + "/img.jpg", b"b" * 600), ("e.cls", b"")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    else:
+        _odd_tar(path, fmt)
+    listed = datasets.tar_members(str(path))
+    assert listed == _tarfile_members(path)
+    assert len(listed) >= 3 and any(len(name) > 100 for name, *_ in listed)
+    with open(path, "rb") as f:  # the offsets are the members' bytes
+        blob = f.read()
+    with tarfile.open(path) as tar:
+        for name, kind, offset, size in listed:
+            if kind == "file":
+                assert blob[offset:offset + size] == tar.extractfile(name).read()
+
+
+def test_the_header_scan_gives_unusual_archives_to_tarfile_and_refuses_compressed_ones(tmp_path, monkeypatch):
+    webdataset = pytest.importorskip("webdataset")
+    written = tmp_path / "wds.tar"  # webdataset's own writer: a pax header before every member (float mtimes)
+    with webdataset.TarWriter(str(written)) as w:
+        for i in range(5):
+            w.write({"__key__": f"k{i}", "jpg": bytes(range(200)), "cls": str(i).encode(), "json": b"{}"})
+    global_pax = tmp_path / "g.tar"
+    _odd_tar(global_pax, tarfile.PAX_FORMAT, {"comment": "a global header"})
+    v7_dir = tmp_path / "v7.tar"  # an old tar's folder: a regular-file type, a name ending in '/'
+    with tarfile.open(v7_dir, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind in (("old/", tarfile.AREGTYPE), ("old/x.cls", tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            tar.addfile(info, io.BytesIO(b""))
+    expected = {path: _tarfile_members(path) for path in (written, global_pax, v7_dir)}
+    fell_back = []
+    original = tarfile.open
+    monkeypatch.setattr(datasets.tarfile, "open", lambda *a, **k: fell_back.append(a[0]) or original(*a, **k))
+    for path, members in expected.items():
+        assert datasets.tar_members(str(path)) == members, path
+    assert fell_back == [str(global_pax)]  # only the global pax header needed tarfile
+    monkeypatch.undo()
+    assert [k for _, k, _, _ in datasets.tar_members(str(v7_dir))] == ["dir", "file"]
+    gz = tmp_path / "c.tar.gz"
+    with tarfile.open(gz, "w:gz") as tar:
+        tar.add(written, arcname="inner.tar")
+    with pytest.raises(DatasetError, match=f"webdataset shard {gz} is gzip-compressed; images are read from the tar "
+                                           f"by offset, so decompress it first"):
+        list_dataset({"kind": "webdataset", "urls": str(gz)})
+    samples, _, _ = list_dataset({"kind": "webdataset", "urls": str(written)})
+    assert [(s.key, s.label) for s in samples] == [(f"wds/k{i}", i) for i in range(5)]
+    cut = tmp_path / "cut.tar"  # a checksum broken in the third header: tarfile would list 2 members and stop
+    blob = bytearray(written.read_bytes())
+    with tarfile.open(written) as tar:
+        third = [i.offset for i in tar][2]  # the pax header before the third member
+    blob[third + 148] ^= 1
+    cut.write_bytes(bytes(blob))
+    assert len(_tarfile_members(cut)) == 2
+    with pytest.raises(DatasetError, match=f"webdataset shard {cut} is damaged: the header at byte {third} fails its "
+                                           f"checksum \\(after 2 members\\), so the members after it cannot be listed"):
+        list_dataset({"kind": "webdataset", "urls": str(cut)})
+
+
 # ------------------------------------------------------------------------------------------- load_image
 
 def test_load_image_converts_modes_to_rgb(tmp_path):
