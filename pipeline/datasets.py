@@ -527,8 +527,8 @@ def tar_members(tar_path: str, fd: int | None = None) -> list[tuple[str, str, in
 
     The headers are read directly, one pread each: tarfile builds a TarInfo per header and parses each
     pax header with a regular expression, 60 µs a member of a webdataset tar (three members and three
-    pax headers a sample), 3.8 M members at ImageNet size; the scan takes a quarter of that (measured:
-    bench/scale.py). Archives with rarer features are listed by tarfile itself. A damaged header after
+    pax headers a sample), 3.8 M members at ImageNet size; the scan takes a third of that (measured:
+    bench/tar_listing.py). Archives with rarer features are listed by tarfile itself. A damaged header after
     the first is an error naming its byte (tarfile ends the listing there silently). Compressed tars
     are refused: images are read by offset (one pread each), which needs the tar uncompressed."""
     own = fd is None
@@ -615,47 +615,62 @@ class _Blocks:
 
 
 def _scan_headers(fd: int, tar_path: str) -> list[tuple[str, str, int, int]]:
-    members, at, pax, long_name, blocks = [], 0, None, None, _Blocks(fd)
+    """tarfile's listing rules (Python 3.11: TarInfo.frombuf, _proc_pax, _proc_gnulong, TarFile.next)."""
+    members, at, pending, blocks, end = [], 0, [], _Blocks(fd), os.fstat(fd).st_size
     while True:
+        if at > end:  # the previous member's padded data runs past the end of the file
+            last = members[-1][0] if members else "a pax or long-name header"
+            raise DatasetError(f"webdataset shard {tar_path} is cut short: {last!r} needs bytes up to {at}, the "
+                               f"file has {end}; restore the shard from its source")
         block = blocks.read(at, 512)
         if len(block) < 512 or block == _ZERO_BLOCK:  # the end (tarfile stops at a zero block or a cut header)
-            if at == 0:
-                raise _NeedsTarfile("an empty or cut first header")  # tarfile says why
+            if at == 0 or pending:
+                raise _NeedsTarfile("an empty first header, or a pax or long-name header with no member")
             return members
         if not _checksum_holds(block):
-            signed = memoryview(block).cast("b")
-            if at == 0 or _octal(block[148:156]) == 256 + sum(signed[:148]) + sum(signed[156:]):
+            if at == 0:
                 raise _NeedsTarfile("not a tar header, or a signed checksum")  # tarfile says which
+            try:
+                signed = memoryview(block).cast("b")
+                signed_holds = _octal(block[148:156]) == 256 + sum(signed[:148]) + sum(signed[156:])
+            except _NeedsTarfile:
+                signed_holds = False
+            if signed_holds:
+                raise _NeedsTarfile("a signed checksum")
             # tarfile would end the listing here without a word, dropping every later member
             raise DatasetError(f"webdataset shard {tar_path} is damaged: the header at byte {at} fails its checksum "
                                f"(after {len(members)} members), so the members after it cannot be listed; restore "
                                f"the shard from its source")
         kind, size, data = block[156:157], _octal(block[124:136]), at + 512
-        if kind in (b"x", b"L", b"K"):  # the next member's pax records, GNU long name, GNU long link name
+        if kind in (b"x", b"L", b"K"):  # pax records, a GNU long name, a GNU long link name: for the next member
             payload = blocks.read(data, size)
-            if kind == b"x":
-                pax = _pax(payload)
-            elif kind == b"L":
-                long_name = _text(payload)
+            pending.append((kind, _pax(payload) if kind == b"x" else _text(payload)))
             at = data + -(-size // 512) * 512
             continue
         if kind not in _MEMBER_KIND:
             raise _NeedsTarfile(f"member type {kind!r}")
-        name, prefix = _text(block[:100]), _text(block[345:500])
-        if prefix:  # a ustar name split in two (tarfile joins them for every non-GNU type)
-            name = f"{prefix}/{name}"
-        if pax:
-            name, size = pax.get("path", name), int(pax.get("size", size))
-        name = long_name or name
-        kind = _MEMBER_KIND[kind]
+        name, prefix, kind = _text(block[:100]), _text(block[345:500]), _MEMBER_KIND[kind]
         if kind == "file" and block[156:157] == b"\x00" and name.endswith("/"):
             kind = "dir"  # old V7 tars mark a folder by its name alone
         if kind == "dir":
             name = name.rstrip("/")
+        if prefix:  # a ustar name split in two (tarfile joins them for every non-GNU type)
+            name = f"{prefix}/{name}"
+        for header, value in reversed(pending):  # the header nearest the member first; the earliest has the last word
+            if header == b"L":
+                name = value
+            elif header == b"x":
+                name = value["path"].rstrip("/") if "path" in value else name
+                try:
+                    size = int(value.get("size", size))
+                except ValueError:
+                    size = 0  # as tarfile reads a pax number it cannot parse
+            if header in (b"L", b"K") and kind == "dir":
+                name = name.removesuffix("/")
         members.append((name, kind, data, size))
         # tarfile skips data after regular members only: the other types' sizes are not data
         at = data + (-(-size // 512) * 512 if kind == "file" else 0)
-        pax = long_name = None
+        pending = []
 
 
 # ---------------------------------------------------------------------------------------------- pixels

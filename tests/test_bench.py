@@ -25,10 +25,8 @@ def test_the_loader_benchmark_runs_and_reports_every_stage_of_each_variant(tmp_p
     ms = json.loads(out.read_text())["ms_per_sample"]
     assert set(ms) == {f"{v} {k}" for v in ("plain", "S") for k in ("before", "float", "now")}
     for name, stages in ms.items():
-        worker = [stages[k] for k in ("decode", "render", "to_input", "cache_read", "collate")]
-        assert all(t > 0 for t in worker), name
-        assert stages["sum_of_stages"] == pytest.approx(sum(worker), abs=2e-3)
-        assert ("on_device" in stages) == name.endswith("now")
+        assert all(stages[k] > 0 for k in ("decode", "render", "to_input", "cache_read", "collate")), name
+        assert ("on_device" in stages) == ("getitem+collate" in stages) == name.endswith("now")
 
 
 def test_the_tar_listing_benchmark_lists_the_same_samples_both_ways(tmp_path):
@@ -36,7 +34,7 @@ def test_the_tar_listing_benchmark_lists_the_same_samples_both_ways(tmp_path):
     _run("tar_listing.py", "--tars", "2", "--rounds", "1", "--work", str(tmp_path), "--json", str(out), timeout=300)
     result = json.loads(out.read_text())
     assert (result["samples"], result["members"], result["headers"]) == (2000, 6000, 12000)
-    assert set(result["median_s"]) == {"tarfile", "scan"}
+    assert set(result["median_s"]) == {"tarfile", "scan"} and result["same_listing"] is True
 
 
 @pytest.mark.slow

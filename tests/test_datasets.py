@@ -304,6 +304,64 @@ def test_the_header_scan_gives_unusual_archives_to_tarfile_and_refuses_compresse
         list_dataset({"kind": "webdataset", "urls": str(cut)})
 
 
+def _raw_tar(path, *entries):
+    """A tar built header by header: ("pax", {records}), ("long", name) or (name, data, type), then two zero blocks."""
+    out = b""
+    for e in entries:
+        if e[0] == "pax":
+            out += tarfile.TarInfo._create_pax_generic_header(e[1], tarfile.XHDTYPE, "utf-8")
+        elif e[0] == "long":
+            out += tarfile.TarInfo._create_gnu_long_header(e[1], tarfile.GNUTYPE_LONGNAME, "utf-8", "strict")
+        else:
+            name, data, kind = e
+            info = tarfile.TarInfo(name)
+            info.size, info.type = len(data), kind
+            out += info.tobuf(tarfile.USTAR_FORMAT) + data + bytes(-len(data) % 512)
+    path.write_bytes(out + bytes(1024))
+    return path
+
+
+def test_the_header_scan_applies_stacked_pax_and_long_name_headers_as_tarfile_does(tmp_path):
+    reg, folder = tarfile.REGTYPE, tarfile.DIRTYPE
+    cases = {
+        "two-pax": [("pax", {"path": "first.jpg"}), ("pax", {"path": "second.jpg"}), ("m.jpg", b"x" * 10, reg)],
+        "pax-then-long": [("pax", {"path": "pax.jpg"}), ("long", "l" * 120 + ".jpg"), ("m.jpg", b"y", reg)],
+        "long-then-pax": [("long", "l" * 120 + ".jpg"), ("pax", {"path": "pax.jpg"}), ("m.jpg", b"y", reg)],
+        "pax-path-slash": [("pax", {"path": "trailing.jpg/"}), ("m.jpg", b"z" * 600, reg), ("n.cls", b"1", reg)],
+        "long-dir-slashes": [("long", "d" * 120 + "//"), ("d", b"", folder), ("k.cls", b"2", reg)],
+        "pax-bad-size": [("pax", {"size": "5.0"}), ("m.jpg", b"", reg), ("n.cls", b"3", reg)],
+        "pax-size": [("pax", {"size": "700"}), ("m.jpg", b"w" * 700, reg), ("n.cls", b"4", reg)],
+    }
+    for label, entries in cases.items():
+        path = _raw_tar(tmp_path / f"{label}.tar", *entries)
+        assert datasets.tar_members(str(path)) == _tarfile_members(path), label
+    assert datasets.tar_members(str(tmp_path / "two-pax.tar"))[0][0] == "first.jpg"  # the earliest header wins
+    assert datasets.tar_members(str(tmp_path / "pax-then-long.tar"))[0][0] == "pax.jpg"
+
+
+def test_a_cut_or_scrambled_tar_is_an_error_naming_the_shard_and_byte(tmp_path):
+    whole = _raw_tar(tmp_path / "whole.tar", ("a.jpg", b"j" * 700, tarfile.REGTYPE), ("a.cls", b"123", tarfile.REGTYPE),
+                     ("b.jpg", b"k" * 300, tarfile.REGTYPE), ("b.cls", b"7", tarfile.REGTYPE))
+    blob = whole.read_bytes()
+    cut = tmp_path / "cut.tar"  # 2 bytes into a.cls's data: its label would read '12'
+    cut.write_bytes(blob[:512 + 1024 + 512 + 2])
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        _tarfile_members(cut)
+    with pytest.raises(DatasetError, match=f"webdataset shard {cut} is cut short: 'a.cls' needs bytes up to 2560, "
+                                           f"the file has 2050; restore the shard from its source"):
+        list_dataset({"kind": "webdataset", "urls": str(cut)})
+    scrambled = tmp_path / "scrambled.tar"  # the third header overwritten with noise: tarfile lists two and stops
+    noise = bytes(np.random.default_rng(0).integers(0, 256, 512, dtype=np.uint8))
+    scrambled.write_bytes(blob[:2560] + noise + blob[3072:])
+    assert [m[0] for m in _tarfile_members(scrambled)] == ["a.jpg", "a.cls"]
+    with pytest.raises(DatasetError, match=f"webdataset shard {scrambled} is damaged: the header at byte 2560 fails "
+                                           f"its checksum \\(after 2 members\\)"):
+        list_dataset({"kind": "webdataset", "urls": str(scrambled)})
+    ends_early = tmp_path / "padded.tar"  # cut inside the closing zero blocks: whole, as tarfile reads it
+    ends_early.write_bytes(blob[:-700])
+    assert datasets.tar_members(str(ends_early)) == _tarfile_members(ends_early) == _tarfile_members(whole)
+
+
 # ------------------------------------------------------------------------------------------- load_image
 
 def test_load_image_converts_modes_to_rgb(tmp_path):
