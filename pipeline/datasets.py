@@ -459,7 +459,7 @@ def _list_webdataset(urls):
                 elif ext in _PICKLE_EXTENSIONS:
                     skipped.append(entry | {"reason": f"pickle entries are never read (.{ext})"})
                 elif ext == "cls":
-                    label = _parse_cls(os.pread(fd, size, offset) if size <= 32 else None, size)
+                    label = _read_cls(fd, offset, size)
                     if isinstance(label, str):
                         skipped.append(entry | {"reason": label})
                     elif key in labels:
@@ -498,11 +498,11 @@ def _list_webdataset(urls):
     return Listing.from_refs(samples), classes, skipped
 
 
-def _parse_cls(raw: bytes | None, size: int) -> int | str:
-    """The label of a .cls entry of `size` bytes (raw: its bytes, None when too long to read), or a reason
-    it is unusable."""
-    if raw is None or size > 32:
+def _read_cls(fd: int, offset: int, size: int) -> int | str:
+    """The label of a .cls entry of `size` bytes at `offset`, or a reason it is unusable."""
+    if size > 32:
         return f".cls entry is {size} bytes; expected a short ASCII integer"
+    raw = os.pread(fd, size, offset)
     try:
         label = int(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
@@ -525,12 +525,13 @@ def tar_members(tar_path: str, fd: int | None = None) -> list[tuple[str, str, in
     """(name, kind, data offset, size) of each member of an uncompressed tar, kind 'file' (tarfile's
     isfile), 'dir' or 'other' (links, devices, fifos), as tarfile lists them.
 
-    The headers are read directly, one pread each: tarfile builds a TarInfo per header and parses each
-    pax header with a regular expression, 60 µs a member of a webdataset tar (three members and three
-    pax headers a sample), 3.8 M members at ImageNet size; the scan takes a third of that (measured:
-    bench/tar_listing.py). Archives with rarer features are listed by tarfile itself. A damaged header after
-    the first is an error naming its byte (tarfile ends the listing there silently). Compressed tars
-    are refused: images are read by offset (one pread each), which needs the tar uncompressed."""
+    The headers are read directly, through a 16 KiB window (_Blocks). tarfile builds a TarInfo per
+    header and parses each pax header with a regular expression: 60 µs a member of a webdataset tar
+    (three members and three pax headers a sample), 3.8 M members at ImageNet size; the scan takes a
+    third of that (measured: bench/tar_listing.py). Archives with rarer features are listed by tarfile
+    itself. A cut or damaged header after the first is an error naming its byte (tarfile ends the
+    listing at a damaged one silently). Compressed tars are refused: images are read by offset (one
+    pread each), which needs the tar uncompressed."""
     own = fd is None
     try:
         fd = os.open(tar_path, os.O_RDONLY) if own else fd

@@ -62,12 +62,12 @@ class ViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def _pixels(self, key: str, image, params, model: ModelInput) -> dict:
+    def _shipped(self, key: str, pixels, params, size: tuple[int, int]) -> dict:
         # uint8 (H, W, 3) as rendered, normalised and erased on the trainer's device (to_device): a quarter of
         # the bytes to collate and copy, and none of the float arithmetic in the worker
-        out = {key: torch.from_numpy(self.replay.pixels(image, params, model.size, model.interpolation))}
+        out = {key: torch.from_numpy(pixels)}
         if self.replay.config.erasing:  # every item of an erasing cache carries its boxes, none or some
-            out[f"{key}_erasing"] = Erasing.of_views([(params.erase_seed, params.erase)], model.size,
+            out[f"{key}_erasing"] = Erasing.of_views([(params.erase_seed, params.erase)], size,
                                                      self.replay.config.erasing_mode)
         return out
 
@@ -89,16 +89,16 @@ class ViewDataset(Dataset):
             image = load_image(SampleRef.from_sample(s))
             replay, st = self.replay, self.student
             params = replay.view(s["views"][view])
-            item = {**self._pixels("image", image, params, st),
+            item = {**self._shipped("image", replay.pixels(image, params, st.size, st.interpolation), params, st.size),
                     "label": torch.tensor(s["label"]), "index": torch.tensor(i), "view": torch.tensor(view)}
             if self.verify or self.targets == "online":
                 t = self.teacher
-                pixels = self._pixels("teacher_image", image, params, t)
-                if self.verify and fingerprint(pixels["teacher_image"].numpy(), params) != s["fingerprints"][view]:
+                pixels = replay.pixels(image, params, t.size, t.interpolation)
+                if self.verify and fingerprint(pixels, params) != s["fingerprints"][view]:
                     raise ReplayError(f"sample {s['key']!r} view {view}: the replayed teacher input does not match "
                                       f"the fingerprint stored in {s['shard']} (the image changed since caching?)")
-                if self.targets == "online":
-                    item |= pixels
+                if self.targets == "online":  # the fills drawn only for an input that is shipped
+                    item |= self._shipped("teacher_image", pixels, params, t.size)
             if self.targets == "cache":
                 # as stored (fp16 by default): the trainer converts them to float32 on its device, exactly
                 stored = self.reader.read(i, view, ["final", "logits"], dtype=None)
