@@ -11,6 +11,7 @@ gradient of the global batch's loss (within float rounding).
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sized
@@ -106,7 +107,13 @@ def start(device: str) -> World | None:
 
 
 def end(world: World | None) -> None:
-    if world is not None and world.owns_group and dist.is_initialized():
+    """After a run: its DistributedDataParallel wrapper is freed now (it sits in a reference cycle, and
+    freed at interpreter exit its gloo work aborted the process one exit in five: 'terminate called
+    without an active exception'), then the process group is destroyed if the run started it."""
+    if world is None:
+        return
+    gc.collect()
+    if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

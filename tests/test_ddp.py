@@ -169,6 +169,9 @@ class SameSlice(original):  # the bug the sampler exists to prevent: every rank 
         super().__init__(order, global_batch, 0, world_size)
 distributed.GlobalBatchSlices = SameSlice
 train(TrainSpec(**specs["same_samples"]), **quiet)
+import gc, torch
+# no run's DDP wrapper outlives it (one left for the interpreter's exit aborted the process in gloo)
+report["ddp_alive"] = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
 with open(specs["report"] + f".{rank}", "w") as f:
     json.dump(report, f)
 dist.destroy_process_group()
@@ -197,6 +200,10 @@ def runs(world):
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads(Path(f"{specs['report']}.{r}").read_text()) for r in range(2)]
     return {"specs": specs, "reports": reports}
+
+
+def test_no_runs_ddp_wrapper_outlives_it_on_any_rank(runs):
+    assert [r["ddp_alive"] for r in runs["reports"]] == [0, 0]
 
 
 def test_a_batch_the_processes_cannot_share_equally_is_refused_on_every_rank(runs):
