@@ -111,8 +111,7 @@ def stages(cache: Path, variant: str, student_size=(224, 224)) -> dict[str, floa
         if variant == "now":  # uint8 as rendered, and the erasing's boxes and fills (drawn from the view's seed)
             x = {"image": torch.from_numpy(pixels)}
             if replay.config.erasing:
-                x["image_erasing"] = Erasing.of_views([(view.erase_seed, view.erase)], student_size,
-                                                      replay.config.erasing_mode)
+                x["image_erasing"] = Erasing.of_view(view, student_size, replay.config.erasing_mode)
         elif variant == "float":
             x = {"image": replay.model_input(pixels, view, mean, std)}
         else:

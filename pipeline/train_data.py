@@ -67,8 +67,7 @@ class ViewDataset(Dataset):
         # the bytes to collate and copy, and none of the float arithmetic in the worker
         out = {key: torch.from_numpy(pixels)}
         if self.replay.config.erasing:  # every item of an erasing cache carries its boxes, none or some
-            out[f"{key}_erasing"] = Erasing.of_views([(params.erase_seed, params.erase)], size,
-                                                     self.replay.config.erasing_mode)
+            out[f"{key}_erasing"] = Erasing.of_view(params, size, self.replay.config.erasing_mode)
         return out
 
     def to_device(self, batch: dict, key: str, device, non_blocking: bool = False,

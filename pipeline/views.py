@@ -262,6 +262,11 @@ class Erasing:
                    torch.from_numpy(np.concatenate(fills) if fills else np.zeros(0, np.float32)), mode)
 
     @classmethod
+    def of_view(cls, view: "ViewParams", size: tuple[int, int], mode: str = "pixel") -> "Erasing":
+        """One view's erasing (its boxes, none or some, and their fills drawn from its seed), as sample 0."""
+        return cls.of_views([(view.erase_seed, view.erase)], size, mode)
+
+    @classmethod
     def cat(cls, parts: list["Erasing"]) -> "Erasing":
         """One batch's erasing from its samples' (each of one sample, numbered 0)."""
         rows = [p.rows + torch.tensor([i, 0, 0, 0, 0]) for i, p in enumerate(parts)]
@@ -287,7 +292,7 @@ class Erasing:
 
 def model_input(pixels: np.ndarray, view: ViewParams, mean, std, erasing_mode: str = "pixel") -> torch.Tensor:
     """A rendered view (H, W, 3) uint8 → the model's input (3, H, W) float32: normalised, then erased."""
-    erasing = Erasing.of_views([(view.erase_seed, view.erase)], pixels.shape[:2], erasing_mode) if view.erase else None
+    erasing = Erasing.of_view(view, pixels.shape[:2], erasing_mode) if view.erase else None
     return to_model_input(pixels[None], erasing, mean, std)[0]
 
 

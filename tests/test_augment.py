@@ -180,7 +180,7 @@ def test_a_batch_erased_on_its_device_is_bit_for_bit_each_views_own_input(mode):
     plain = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float()
     plain = (plain / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     own = torch.stack([apply_erasing(x, v.erase, v.erase_seed, mode) for x, v in zip(plain, views)])
-    erasing = Erasing.cat([Erasing.of_views([(v.erase_seed, v.erase)], STUDENT, mode) for v in views])
+    erasing = Erasing.cat([Erasing.of_view(v, STUDENT, mode) for v in views])
     assert erasing.rows[:, 0].tolist() == [i for i, v in enumerate(views) for _ in v.erase]
     for layout in (torch.contiguous_format, torch.channels_last):
         x = to_model_input(torch.from_numpy(np.stack(pixels)), erasing, MEAN, STD, memory_format=layout)
