@@ -40,7 +40,8 @@ from scalekd.teacher import TeacherInfo
 from .datasets import BadImage, Listing, SampleRef, dataset_root, list_dataset, listing_sha256, load_image, relative_spec
 from .job_spec import CacheSpec, work_dir
 from .ledger import LAYOUT, Ledger, package_versions
-from .output_guard import CacheConfigError, OutputLock, check_placement, refuse_foreign, remove_cache
+from .output_guard import (CacheConfigError, OutputLock, check_placement, refuse_foreign, refuse_foreign_in_shards,
+                           remove_cache)
 from .sample_index import COLUMNS_DOC
 from .schema import MANIFEST, SCHEMA_VERSION, RoleSpec, shard_name
 from .shards import (CacheWriteError, committed_shards, damaged_shards, discard_shard, remove_temporaries,
@@ -532,7 +533,9 @@ def _run_cache_job(spec, overwrite, engine, progress, max_shards, log, local_thr
     if removed:
         log(f"removed {len(removed)} half-written shard(s) from an interrupted run: {', '.join(removed[:5])}")
     metas = committed_shards(root)
-    for name, problem in damaged_shards(root, metas).items():  # resume only from intact shards
+    damaged = damaged_shards(root, metas)
+    refuse_foreign_in_shards(root, list(damaged), "the damaged shards would be removed to be cached again")
+    for name, problem in damaged.items():  # resume only from intact shards
         log(f"{name} is damaged ({problem}): removing it, it will be cached again")
         discard_shard(root, name)
         metas = {i: m for i, m in metas.items() if m["name"] != name}

@@ -7,7 +7,8 @@
   temporaries, and the driver alone removes what killed writers left.
 - What a cache consists of: ``manifest.json``, ``zarr.json``, ``index/``, ``shard-NNNNN/`` folders and the
   job's own temporaries and lock. Anything else in an output folder is the user's: such a folder
-  is refused whatever the flags, and ``--overwrite`` removes only a cache's own entries.
+  is refused whatever the flags, and ``--overwrite`` removes only a cache's own entries. A shard folder
+  is removed whole (by ``--overwrite``, or when damaged) only when it holds nothing the job did not write.
 - Where a cache may live: never inside, equal to or around the dataset it is made from.
 """
 from __future__ import annotations
@@ -23,13 +24,16 @@ import time
 from pathlib import Path
 
 from .sample_index import INDEX_DIR, index_files
-from .schema import MANIFEST
+from .schema import MANIFEST, SHARD_META
 
 __all__ = ["CacheConfigError", "OutputBusyError", "OutputLock", "LOCK", "is_cache_entry", "foreign_entries",
-           "refuse_foreign", "remove_cache", "check_placement"]
+           "refuse_foreign", "remove_cache", "check_placement", "shard_foreign_files", "refuse_foreign_in_shards"]
 
 LOCK = ".lock"
 _SHARD = re.compile(r"^shard-\d{5,}$")
+# What the stores write in a shard folder, for one whose shard.json (the list of its files) cannot be read:
+# zarr's group and array metadata and chunk files, webdataset's per-view tars and entry table, the index.
+_SHARD_FILE = re.compile(r"^(?:zarr\.json|entries\.npy|v\d+\.tar|[A-Za-z0-9_.-]+/zarr\.json|[A-Za-z0-9_.-]+/c(?:/\d+)+)$")
 
 
 class CacheConfigError(ValueError):
@@ -96,7 +100,7 @@ def is_cache_entry(path: Path) -> bool:
     if name in (MANIFEST, "zarr.json", LOCK, ".write-test"):
         return True
     if _SHARD.match(name):
-        return path.is_dir()
+        return path.is_dir() and not path.is_symlink()
     if name == INDEX_DIR:  # the consolidated sample index: a folder holding nothing but its columns
         return path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= set(index_files())
     # half-written shards (.tmp-shard-*), a manifest caught mid-write (.manifest.json.tmp-PID)
@@ -119,9 +123,44 @@ def refuse_foreign(root: Path) -> None:
                                f"cache into it, with or without --overwrite: choose an empty or new folder")
 
 
+def shard_foreign_files(folder: Path) -> list[str]:
+    """Paths (relative, sorted) in a shard-NNNNN folder that the cache job did not write: anything but
+    shard.json and the files it records; when shard.json cannot be read, anything outside the stores'
+    layout. Symbolic links are never the job's."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / SHARD_META).read_text())
+        recorded = set(meta["files"]) if isinstance(meta, dict) and isinstance(meta.get("files"), dict) else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        recorded = None
+    index = {f"{INDEX_DIR}/{n}" for n in index_files()}
+    ours = ((lambda rel: rel in recorded) if recorded is not None
+            else (lambda rel: rel in index or _SHARD_FILE.match(rel) is not None))
+    foreign = []
+    for top, dirs, files in os.walk(folder):  # links to folders are listed, not followed
+        for name in files + dirs:
+            path = os.path.join(top, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            if os.path.islink(path) or (name in files and rel != SHARD_META and not ours(rel)):
+                foreign.append(rel)
+    return sorted(foreign)
+
+
+def refuse_foreign_in_shards(root: Path, names: list[str], why: str) -> None:
+    """Refuse (removing nothing) when a shard folder about to be removed holds what the job did not write."""
+    for name in names:
+        foreign = shard_foreign_files(Path(root) / name)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise CacheConfigError(f"{Path(root) / name} holds {foreign[0]!r}{more}, which the cache job did not write; "
+                                   f"{why}, so nothing was removed: move it out of {Path(root) / name} and run again")
+
+
 def remove_cache(root: Path) -> list[str]:
     """Remove a cache's own entries from ``root`` (never the lock, never anything else); their names."""
     refuse_foreign(root)  # checked again right before deleting: nothing foreign is ever removed
+    refuse_foreign_in_shards(root, sorted(p.name for p in Path(root).iterdir() if _SHARD.match(p.name) and p.is_dir()),
+                             "--overwrite removes the cache's shard folders whole")
     gone = []
     for path in sorted(Path(root).iterdir()):
         if path.name == LOCK or not is_cache_entry(path):

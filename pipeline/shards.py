@@ -166,7 +166,11 @@ def damaged_shards(root: Path, records: dict[int, dict]) -> dict[str, str]:
 
 
 def discard_shard(root: Path, name: str) -> None:
-    """Remove a damaged committed shard, so that the job writes it again."""
+    """Remove a damaged committed shard, so that the job writes it again; refused (CacheConfigError,
+    nothing removed) when the folder holds anything the job did not write."""
+    from .output_guard import refuse_foreign_in_shards
+
+    refuse_foreign_in_shards(root, [name], f"{name} is damaged and would be removed to be cached again")
     shutil.rmtree(Path(root) / name)
 
 

@@ -163,6 +163,55 @@ def test_overwrite_of_a_cache_holding_a_foreign_file_removes_nothing(base, tmp_p
     assert _tree(out) == before
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "webdataset"])
+def test_overwrite_of_a_cache_with_a_foreign_file_inside_a_shard_removes_nothing(base, tmp_path, fmt):
+    out = tmp_path / "cache"
+    shutil.copytree(base.caches[fmt], out)
+    (out / "shard-00001" / "my-notes.txt").write_text("the user's notes")
+    before = _tree(out)
+    with pytest.raises(CacheConfigError) as e:
+        run(_spec(base, out, fmt=fmt, per_image=3), overwrite=True)
+    assert str(e.value) == (f"{out / 'shard-00001'} holds 'my-notes.txt', which the cache job did not write; --overwrite "
+                            f"removes the cache's shard folders whole, so nothing was removed: move it out of "
+                            f"{out / 'shard-00001'} and run again")
+    assert _tree(out) == before
+
+
+def test_what_a_shard_holds_is_the_jobs_own_by_its_record_or_else_by_the_stores_layout(base, tmp_path):
+    from pipeline.output_guard import shard_foreign_files
+
+    for fmt in ("zarr", "webdataset"):
+        out = tmp_path / fmt
+        shutil.copytree(base.caches[fmt], out)
+        shard = out / "shard-00000"
+        assert shard_foreign_files(shard) == []
+        (shard / "shard.json").write_text("")  # unreadable: the stores' layout decides
+        assert shard_foreign_files(shard) == []
+        (shard / "index" / "extra.npy").write_bytes(b"x")
+        (shard / "mine").mkdir()
+        (shard / "mine" / "zarr.json").write_text("{}")  # the layout of an array's metadata: not told apart
+        (shard / "mine" / "notes.txt").write_text("mine")
+        os.symlink(tmp_path, shard / "link")
+        assert shard_foreign_files(shard) == ["index/extra.npy", "link", "mine/notes.txt"]
+        (shard / "shard.json").write_bytes((base.caches[fmt] / "shard-00000" / "shard.json").read_bytes())
+        assert shard_foreign_files(shard) == ["index/extra.npy", "link", "mine/notes.txt", "mine/zarr.json"]
+
+
+def test_a_damaged_shard_holding_a_foreign_file_is_kept_and_named(base, tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(base.caches["zarr"], out)
+    (out / "shard-00000" / "logits" / "zarr.json").unlink()
+    (out / "shard-00002" / "shard.json").write_text("")
+    (out / "shard-00002" / "keep.txt").write_text("mine")
+    before = _tree(out)
+    with pytest.raises(CacheConfigError) as e:
+        run(_spec(base, out))
+    assert str(e.value) == (f"{out / 'shard-00002'} holds 'keep.txt', which the cache job did not write; the damaged "
+                            f"shards would be removed to be cached again, so nothing was removed: move it out of "
+                            f"{out / 'shard-00002'} and run again")
+    assert _tree(out) == before  # shard-00000, damaged too, is not removed either
+
+
 def test_overwrite_removes_only_the_cache_it_replaces(base, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(base.caches["zarr"], out)
