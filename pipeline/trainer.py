@@ -35,6 +35,7 @@ from .late import CacheMismatchError, build_late, check_teacher_matches
 from .optimization import build_optimization, check_views
 from .output_guard import OutputLock
 from .reader import CacheReader
+from .schema import write_json_atomic
 from .recipes import recipe as named_recipe
 from .train_data import EpochOrder, ModelInput, ViewDataset, collate_skipping
 
@@ -45,6 +46,7 @@ CHECKPOINT, STUDENT_FILE, METRICS_FILE, PLOT_FILE = "checkpoint.pt", "student.sa
 STUDENT_FOLDER = "student"  # the timm model folder: timm.create_model("local-dir:RUN/student", pretrained=True)
 JOB_SPEC_FILE = "job.yaml"  # the run's resolved job spec
 RUN_FILES = (CHECKPOINT, METRICS_FILE, STUDENT_FILE, PLOT_FILE, JOB_SPEC_FILE, STUDENT_FOLDER)  # what a run writes (and --overwrite removes)
+RUN_MARK = ".distill-run"  # written when a run claims a folder clear of others' files: RUN_FILES there are a run's
 
 
 class IncompleteCacheError(ValueError):
@@ -341,7 +343,9 @@ def train(spec: TrainSpec, resume: bool = False, progress: bool = True, log=prin
 
 
 def _claim_run_folder(out: Path, spec: TrainSpec, resume: bool, overwrite: bool, held: contextlib.ExitStack, log):
-    """Make and lock the run folder; refuse one that holds another run unless resuming it or overwriting."""
+    """Make and lock the run folder; refuse one that holds another run unless resuming it or overwriting.
+    Files named as a run's are replaced or removed only in a run's folder: one a run has marked
+    (RUN_MARK), or one holding a trainer checkpoint (runs from before the mark)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -349,14 +353,18 @@ def _claim_run_folder(out: Path, spec: TrainSpec, resume: bool, overwrite: bool,
         why = f"{blocker} is a file, not a folder" if blocker else (os.strerror(e.errno) if e.errno else str(e))
         raise RunFolderError(f"cannot make run folder {out}: {why}; choose another output") from None
     held.enter_context(OutputLock(out, "distill run"))  # a second run on this folder is refused here
-    present = [name for name in RUN_FILES if (out / name).exists()]
+    present = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    earlier = _checkpoint_key(out / CHECKPOINT)
+    if present and not (out / RUN_MARK).is_file() and earlier is None:
+        raise RunFolderError(f"run folder {out} holds {', '.join(present)}, which no distill run wrote there (no "
+                             f"{RUN_MARK} mark, no trainer checkpoint); nothing was removed, with or without --overwrite "
+                             f"or --resume: choose another output, or move {'them' if len(present) > 1 else 'it'} away")
     if resume:
         if not (out / CHECKPOINT).is_file():
             log(f"--resume: no {CHECKPOINT} in {out}: starting fresh")
+        _mark(out)
         return
-    if not present:
-        return
-    if overwrite:
+    if present and overwrite:
         for name in RUN_FILES:
             path = out / name
             if path.is_dir() and not path.is_symlink():  # the exported student folder: only what export writes
@@ -366,14 +374,21 @@ def _claim_run_folder(out: Path, spec: TrainSpec, resume: bool, overwrite: bool,
             else:
                 path.unlink(missing_ok=True)
         log(f"--overwrite: removed the earlier run's {', '.join(present)} from {out}")
-        return
-    earlier = _checkpoint_key(out / CHECKPOINT)
-    if earlier is not None and earlier != json.loads(_resume_key(spec)):
-        raise RunFolderError(f"run folder {out} holds a run of another configuration ({_key_diff(earlier, spec)}); "
-                             f"choose another output, or pass --overwrite to replace it")
-    what = "this run's checkpoint" if earlier is not None else f"an earlier run's {', '.join(present)}"
-    raise RunFolderError(f"run folder {out} already holds {what}; pass --resume to continue it, --overwrite to "
-                         f"start again, or choose another output")
+    elif present:
+        if earlier is not None and earlier != json.loads(_resume_key(spec)):
+            raise RunFolderError(f"run folder {out} holds a run of another configuration ({_key_diff(earlier, spec)}); "
+                                 f"choose another output, or pass --overwrite to replace it")
+        what = "this run's checkpoint" if earlier is not None else f"an earlier run's {', '.join(present)}"
+        raise RunFolderError(f"run folder {out} already holds {what}; pass --resume to continue it, --overwrite to "
+                             f"start again, or choose another output")
+    _mark(out)
+
+
+def _mark(out: Path) -> None:
+    """Mark the folder as a run's: from here on, the files named as a run's there are the run's."""
+    path = out / RUN_MARK
+    if not path.is_file():
+        write_json_atomic(path, {"written_by": "scalekd-pipeline distill", "run_files": list(RUN_FILES)})
 
 
 def _checkpoint_key(path: Path) -> dict | None:

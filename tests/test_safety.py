@@ -377,6 +377,38 @@ def test_distill_refuses_to_replace_another_run_and_overwrite_replaces_it(base, 
     assert _tree(out)["student.safetensors"] != before["student.safetensors"]
 
 
+@pytest.mark.parametrize("flags", [{}, {"overwrite": True}, {"resume": True}])
+def test_distill_never_replaces_run_named_files_it_did_not_write(base, tmp_path, flags):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "job.yaml").write_text("distill: {}  # the user's own spec, kept beside the run\n")
+    (out / "metrics.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(RunFolderError) as e:
+        _train(_train_spec(base.caches["zarr"], out), **flags)
+    assert str(e.value) == (f"run folder {out} holds metrics.jsonl, job.yaml, which no distill run wrote there (no "
+                            f".distill-run mark, no trainer checkpoint); nothing was removed, with or without "
+                            f"--overwrite or --resume: choose another output, or move them away")
+    assert _tree(out) == {"job.yaml": b"distill: {}  # the user's own spec, kept beside the run\n",
+                          "metrics.jsonl": b'{"mine": 1}\n'}
+
+
+def test_overwrite_replaces_a_marked_run_without_a_checkpoint_and_an_unmarked_one_with_its_checkpoint(base, tmp_path):
+    out = tmp_path / "run"
+    _train(_train_spec(base.caches["zarr"], out))
+    assert json.loads((out / ".distill-run").read_text())["written_by"] == "scalekd-pipeline distill"
+    (out / "checkpoint.pt").unlink()  # a run stopped before its first checkpoint: the mark says whose the files are
+    other = _train_spec(base.caches["zarr"], out, lr=0.01)
+    logs = []
+    _train(other, overwrite=True, log=logs.append)
+    assert logs[0] == (f"--overwrite: removed the earlier run's metrics.jsonl, student.safetensors, curves.png, "
+                       f"job.yaml, student from {out}")
+    (out / ".distill-run").unlink()  # a run from before the mark: its trainer checkpoint says it is a run's folder
+    logs = []
+    _train(_train_spec(base.caches["zarr"], out), overwrite=True, log=logs.append)
+    assert logs[0].startswith("--overwrite: removed the earlier run's checkpoint.pt, ")
+    assert (out / ".distill-run").is_file()
+
+
 def test_distill_the_same_run_again_without_resume_is_refused(base, tmp_path):
     out = tmp_path / "run"
     spec = _train_spec(base.caches["zarr"], out)
