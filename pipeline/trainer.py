@@ -46,6 +46,7 @@ CHECKPOINT, STUDENT_FILE, METRICS_FILE, PLOT_FILE = "checkpoint.pt", "student.sa
 STUDENT_FOLDER = "student"  # the timm model folder: timm.create_model("local-dir:RUN/student", pretrained=True)
 JOB_SPEC_FILE = "job.yaml"  # the run's resolved job spec
 RUN_FILES = (CHECKPOINT, METRICS_FILE, STUDENT_FILE, PLOT_FILE, JOB_SPEC_FILE, STUDENT_FOLDER)  # what a run writes (and --overwrite removes)
+READ_EVERY = 20  # steps between the trainer's reads of its loss sums from the device
 RUN_MARK = ".distill-run"  # written when a run claims a folder clear of others' files: RUN_FILES there are a run's
 
 
@@ -489,7 +490,13 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         if world:  # own random streams per rank (drop-path masks), replayed alike by a resumed run
             torch.manual_seed(hash((spec.seed, epoch, world.rank)) % 2**63)
         distiller.train()
-        sums, seen, t0 = {k: 0.0 for k in (*LOSS_TERMS, "loss")}, 0, time.perf_counter()
+        names, t0 = (*LOSS_TERMS, "loss"), time.perf_counter()
+        # Each term × batch size, and the samples, summed on the device (this rank's), read back every
+        # READ_EVERY steps and at the epoch's end, as timm's train loop reads its meters at log_interval:
+        # a read waits for the GPU, so reading every step would keep the CPU from queueing the next one.
+        acc = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # the first step with a NaN/Inf loss
+        sums, seen, step = dict.fromkeys(names, 0.0), 0, -1
         lr_first = lr_last = None
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{rec['epochs']}", disable=not progress, file=sys.stderr)
         for step, b in enumerate(loader):
@@ -527,23 +534,23 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             if ema is not None:
                 ema.update(distiller.student.model)
             n = images.shape[0]
-            if world:  # the global batch's terms, on every rank: the same log, the same stop on a NaN
-                totals = world.sum(torch.tensor([terms[k].item() * n for k in sums] + [n], dtype=torch.float64))
-                n = int(totals[-1])
-                terms = {k: totals[i] / n for i, k in enumerate(sums)}
-            seen += n
-            for k in sums:
-                sums[k] += terms[k].item() * n
-            if not math.isfinite(terms["loss"].item()):
-                raise FloatingPointError(f"loss became {terms['loss'].item()} at epoch {epoch + 1}, step {step + 1}")
-            bar.set_postfix({k: f"{terms[k].item():.3g}" for k in ("loss", "task", "kd", "main_direct")}
-                            | {"img/s": f"{seen / (time.perf_counter() - t0):.1f}"})
+            with torch.no_grad():
+                step_terms = torch.stack([terms[k].detach() for k in names])
+                acc[:-1] += step_terms.double() * n
+                acc[-1] += n
+                first_bad.copy_(torch.where((first_bad < 0) & ~torch.isfinite(step_terms[-1]), step + 1, first_bad))
             bar.update(1)
             done_steps += 1
-            if stop_after_steps is not None and done_steps >= stop_after_steps:
+            stopping = stop_after_steps is not None and done_steps >= stop_after_steps
+            if (step + 1) % READ_EVERY == 0 or step + 1 == steps or stopping:
+                sums, seen = _read_terms(acc, first_bad, names, world, epoch, step)
+                bar.set_postfix({k: f"{sums[k] / seen:.3g}" for k in ("loss", "task", "kd", "main_direct")}
+                                | {"img/s": f"{seen / (time.perf_counter() - t0):.1f}"})
+            if stopping:
                 bar.close()
                 return {"stopped": True, "epoch": epoch, "step": step + 1} | _rank_of(world)
         bar.close()
+        sums, seen = _read_terms(acc, first_bad, names, world, epoch, step)  # every rank, once more (all skipped: 0)
         seconds = time.perf_counter() - t0
         if world:  # running BN statistics: DDP copies rank 0's buffers before each forward; their mean, as timm's train.py
             timm.utils.distribute_bn(trainable, world.size, reduce=True)
@@ -594,6 +601,19 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
             "job_spec": str(out / JOB_SPEC_FILE), "exported": exported,
             "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None} | _rank_of(world)
+
+
+def _read_terms(acc: torch.Tensor, first_bad: torch.Tensor, names, world: World | None, epoch: int, step: int):
+    """The epoch's sums so far ({term: Σ term × batch}, samples), over every rank: one wait for the device.
+    A NaN/Inf loss stops the run here, on every rank alike (the sums are the same everywhere)."""
+    local = torch.cat([acc, first_bad.double().view(1)]).cpu()
+    totals = world.sum(local[:-1]) if world else local[:-1]
+    sums, seen = {k: float(totals[i]) for i, k in enumerate(names)}, int(totals[-1])
+    if not math.isfinite(sums["loss"]):
+        bad = int(local[-1])
+        where = f"step {bad}" if bad > 0 else f"another rank's step, by step {step + 1}"
+        raise FloatingPointError(f"loss became {sums['loss']} at epoch {epoch + 1}, {where} (read every {READ_EVERY} steps)")
+    return sums, seen
 
 
 def _rank_of(world: World | None) -> dict:

@@ -632,3 +632,47 @@ def test_distill_cache_first_makes_a_missing_cache_then_trains_and_leaves_a_comp
     again = CliRunner().invoke(app, ["distill", str(job), "--device", "cpu", "--cache-first", "--overwrite"])
     assert again.exit_code == 0, again.output
     assert calls == [str(cache)] and file_sums(cache) == made  # complete: not run again, nothing rewritten
+
+
+def _recording_forward(monkeypatch, nan_at: int | None = None):
+    """Wrap the distiller's forward: record each step's terms and batch size; make step nan_at's loss NaN."""
+    from scalekd.distiller import LOSS_TERMS, ScaleKDDistiller
+
+    seen, forward = [], ScaleKDDistiller.forward
+
+    def wrapped(self, images, targets, labels):
+        terms = forward(self, images, targets, labels)
+        if self.training:
+            if nan_at is not None and len(seen) + 1 == nan_at:
+                terms = terms | {"loss": terms["loss"] * float("nan")}
+            seen.append(({k: terms[k].item() for k in (*LOSS_TERMS, "loss")}, images.shape[0]))
+        return terms
+
+    monkeypatch.setattr(ScaleKDDistiller, "forward", wrapped)
+    return seen
+
+
+@pytest.mark.parametrize("read_every", [1, 2, 20])
+def test_the_logged_epoch_terms_are_the_batch_weighted_mean_of_every_steps_terms(world, tmp_path, monkeypatch,
+                                                                               read_every):
+    import pipeline.trainer as trainer
+
+    monkeypatch.setattr(trainer, "READ_EVERY", read_every)
+    steps = _recording_forward(monkeypatch)
+    cache = world["caches"][("zarr", "fp16")]
+    out = train(_spec(world, cache, tmp_path / "run", epochs=1), progress=False, log=lambda m: None)
+    (record,) = _results(out["metrics"])
+    assert len(steps) == 3 and record["samples"] == sum(n for _, n in steps) == 12
+    for k, v in record["train"].items():  # the sums are float64: the same as summing the read-back floats
+        assert v == pytest.approx(sum(t[k] * n for t, n in steps) / 12, rel=1e-12, abs=0), k
+
+
+def test_a_nan_loss_stops_the_run_naming_its_first_step(world, tmp_path, monkeypatch):
+    import pipeline.trainer as trainer
+
+    monkeypatch.setattr(trainer, "READ_EVERY", 20)  # read at the epoch's end, after the NaN's step
+    _recording_forward(monkeypatch, nan_at=2)
+    cache = world["caches"][("zarr", "fp16")]
+    with pytest.raises(FloatingPointError) as e:
+        train(_spec(world, cache, tmp_path / "run", epochs=1), progress=False, log=lambda m: None)
+    assert str(e.value) == "loss became nan at epoch 1, step 2 (read every 20 steps)"
