@@ -18,6 +18,7 @@ interpolation and normalisation (pipeline/augment.py says what each op means at 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass
@@ -323,8 +324,14 @@ def normalize(pixels: np.ndarray | torch.Tensor, mean, std,
     x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.permute(2, 0, 1)
     x = x.contiguous(memory_format=memory_format).float() if x.ndim == 4 else x.contiguous().float()
     shape = (1, 3, 1, 1) if x.ndim == 4 else (3, 1, 1)
-    c = torch.tensor([255.0, *mean, *std], dtype=torch.float32).to(x.device, non_blocking=True)
+    c = _constants(x.device, tuple(map(float, mean)), tuple(map(float, std)))
     return x.div_(c[:1]).sub_(c[1:4].view(shape)).div_(c[4:].view(shape))
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(device: torch.device, mean: tuple, std: tuple) -> torch.Tensor:
+    """255, mean and std as one float32 tensor on device, made once (not a host-to-device copy per batch)."""
+    return torch.tensor([255.0, *mean, *std], dtype=torch.float32).to(device)
 
 
 @dataclass(frozen=True)
