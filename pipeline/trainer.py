@@ -468,7 +468,7 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             sched.load_state_dict(state["scheduler"])
             if ema is not None:
                 ema.module.load_state_dict(state["ema"])
-            torch.set_rng_state(state["rng"])
+            _restore_rng(state, device)
             start_epoch, metrics = state["epoch"] + 1, json.loads(state["metrics"])
             log(f"resuming {spec.name} at epoch {start_epoch + 1} of {rec['epochs']} from {ckpt_path}")
     amp = device.type == "cuda"
@@ -570,7 +570,7 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
         def save(epoch=epoch):
             _save_epoch(out, ckpt_path, metrics, {"spec": _resume_key(spec), "epoch": epoch, "trainable": trainable.state_dict(),
                                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                  "rng": torch.get_rng_state(), "metrics": json.dumps(metrics)}
+                                                  "metrics": json.dumps(metrics)} | _rng_states(device)
                         | ({"ema": ema.module.state_dict()} if ema is not None else {}))
 
         # rank 0 alone writes; its error (a full disk) is raised on every rank, so none waits forever
@@ -601,6 +601,19 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
             "metrics": str(out / METRICS_FILE), "plot": str(plot) if plot else None,
             "job_spec": str(out / JOB_SPEC_FILE), "exported": exported,
             "checkpoint": str(ckpt_path), "last": metrics[-1] if metrics else None} | _rank_of(world)
+
+
+def _rng_states(device: torch.device) -> dict:
+    """The random streams a resumed run must continue: the CPU's, and on a GPU its own (drop-path masks
+    are drawn there)."""
+    return {"rng": torch.get_rng_state()} | (
+        {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})
+
+
+def _restore_rng(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:  # a checkpoint from a CPU run resumed on a GPU: seeded as fresh
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
 
 
 def _read_terms(acc: torch.Tensor, first_bad: torch.Tensor, names, world: World | None, epoch: int, step: int):

@@ -676,3 +676,25 @@ def test_a_nan_loss_stops_the_run_naming_its_first_step(world, tmp_path, monkeyp
     with pytest.raises(FloatingPointError) as e:
         train(_spec(world, cache, tmp_path / "run", epochs=1), progress=False, log=lambda m: None)
     assert str(e.value) == "loss became nan at epoch 1, step 2 (read every 20 steps)"
+
+
+def test_a_gpu_runs_checkpoint_carries_and_restores_the_gpus_random_stream(monkeypatch):
+    """Drop-path masks are drawn on the GPU: its stream is saved and restored with the CPU's (the CUDA
+    calls stand in here, as this machine has no GPU); a CPU run's checkpoint is as before."""
+    from pipeline.trainer import _restore_rng, _rng_states
+
+    gpu, calls = torch.device("cuda", 1), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7, int(device.index)], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state.tolist(), device)))
+    assert list(_rng_states(torch.device("cpu"))) == ["rng"]
+    state = _rng_states(gpu)
+    assert torch.equal(state["rng"], torch.get_rng_state()) and state["cuda_rng"].tolist() == [7, 1]
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    saved = _rng_states(gpu)
+    torch.rand(5)
+    _restore_rng(saved, gpu)
+    assert torch.equal(torch.rand(3), expected) and calls == [([7, 1], gpu)]
+    _restore_rng({"rng": saved["rng"]}, gpu)  # a CPU run's checkpoint resumed on a GPU: the GPU's stream as seeded
+    assert len(calls) == 1
