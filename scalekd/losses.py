@@ -39,7 +39,7 @@ def dual_view_loss(
     direct, dc_view: the outputs of the direct-view and DC-view CAPs (or proxy paths), (B, N, C).
     final, final_dc_removed: F^t and φ(F^t), (B, N, C).
     """
-    return alpha * feature_loss(direct, final), beta * feature_loss(dc_removed(dc_view), final_dc_removed)
+    return alpha * feature_loss(direct, final), beta * feature_loss(dc_removed(dc_view.float()), final_dc_removed)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -86,3 +86,18 @@ def test_dc_energy_fraction_is_one_for_constant_maps_and_zero_after_phi():
     assert dc_energy_fraction(zero_mean).abs().max().item() < 1e-6
     # an all-zero map has no energy: the fraction is 0, not NaN
     torch.testing.assert_close(dc_energy_fraction(torch.zeros(1, 4, 2)), torch.zeros(1))
+
+
+def test_the_dc_view_loss_removes_the_dc_in_float32_whatever_the_cap_outputs():
+    """Under a GPU's bf16 autocast the DC-view CAP may hand on bf16 tokens: φ is taken in float32, so a
+    large per-channel mean does not cost the small spatial part its bits."""
+    from scalekd.losses import dual_view_loss, feature_loss
+
+    g = torch.Generator().manual_seed(0)
+    final = torch.randn(2, 49, 16, generator=g)
+    dc_view = (torch.randn(2, 49, 16, generator=g) + 20.0).bfloat16()  # the mean 20× the spread
+    as_bf16 = dual_view_loss(final, dc_view, final, dc_removed(final), 1.0, 1.0)[1]
+    as_float = dual_view_loss(final, dc_view.float(), final, dc_removed(final), 1.0, 1.0)[1]
+    in_bf16 = feature_loss(dc_removed(dc_view), dc_removed(final))  # what subtracting in bf16 gives
+    assert torch.equal(as_bf16, as_float)
+    assert not torch.allclose(in_bf16, as_float, rtol=1e-5)  # measured: 1.5e-4 apart (φ itself: 3 % relative)
