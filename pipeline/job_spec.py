@@ -55,7 +55,7 @@ class TeacherSpec(TypedDict, total=False):
         "the random weights' seed when there is neither `checkpoint` nor `pretrained` (tests, benchmarks)")]
     precision: Annotated[Literal["fp32", "bf16", "fp16"], _doc(
         "the teacher's arithmetic while caching (autocast; outputs stored from float32 either way; fp16 needs "
-        "CUDA). Part of the cache's configuration; the trainer's online mode runs the teacher at the cache's "
+        "CUDA; fp32 on a GPU with cuDNN's TF32 convolutions off). Part of the cache's configuration; the trainer's online mode runs the teacher at the cache's "
         "precision")]
 
 

@@ -22,7 +22,8 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def teacher_precision(device: torch.device | str, precision: str = "fp32"):
     """A context that runs the teacher at ``precision`` on ``device``: autocast (matmuls and convs in
-    bf16/fp16, norms and softmax in float32, the weights untouched); fp32 runs as it is.
+    bf16/fp16, norms and softmax in float32, the weights untouched); fp32 runs as it is, with
+    cuDNN's TF32 convolutions off on a GPU.
 
     fp16 is refused on a CPU: torch's CPU autocast accepts it, but CPUs without native fp16
     arithmetic run its matmuls emulated (measured on an AVX-512 EPYC: a 1024² matmul 34× slower
@@ -32,7 +33,13 @@ def teacher_precision(device: torch.device | str, precision: str = "fp32"):
         raise ValueError(f"teacher precision {precision!r}; expected one of {list(PRECISIONS)}")
     device = torch.device(device)
     if precision == "fp32":
-        return contextlib.nullcontext()
+        # On a GPU, cuDNN runs float32 convolutions as TF32 by default (matmuls stay IEEE): a teacher's fp32
+        # is fp32 in its convolutions too (the patch embedding of Swin/EVA, all of a ConvNeXt).
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        cudnn = torch.backends.cudnn
+        return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, benchmark_limit=cudnn.benchmark_limit,
+                           deterministic=cudnn.deterministic, allow_tf32=False)
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"teacher precision 'fp16' needs a CUDA device, this teacher runs on {device.type!r}: CPUs "
                          f"emulate fp16 matmuls (tens of times slower than fp32); use precision 'bf16' or 'fp32' on "

@@ -195,3 +195,18 @@ def test_check_late_reruns_late_at_the_caches_precision(world, tmp_path):
     run(_cache_spec(world["data"], out, world["ckpt"], "bf16", roles={"final": "fp32", "mid": "fp32", "logits": "fp32"}))
     report = check_late(out, n=3)
     assert report["ok"] and max(report["max_rel_l2"].values()) < 1e-5, report
+
+
+def test_an_fp32_teacher_on_a_gpu_runs_its_convolutions_without_tf32():
+    """cuDNN's float32 convolutions are TF32 by default on a GPU: the fp32 context turns that off while
+    the teacher runs and restores it after (the flags alone are set here; this machine has no GPU)."""
+    from scalekd.targets import teacher_precision
+
+    cudnn = torch.backends.cudnn
+    before = (cudnn.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic)
+    assert before[0] is True  # torch's default
+    with teacher_precision("cuda", "fp32"):
+        assert (cudnn.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic) == (False, *before[1:])
+    assert (cudnn.allow_tf32, cudnn.enabled, cudnn.benchmark, cudnn.deterministic) == before
+    with teacher_precision("cpu", "fp32"):
+        assert cudnn.allow_tf32 is True
