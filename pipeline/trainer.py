@@ -62,6 +62,14 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
 
 
+def _use(device: torch.device) -> torch.device:
+    """Make a numbered GPU the current one: the DataLoader's pinning thread (and any CUDA call without a
+    device) works on the current GPU, which is GPU 0 otherwise, where it would open a context of its own."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
 def _model_input(cfg: dict, size=None) -> ModelInput:
     size = tuple(size or cfg["input_size"][1:])
     return ModelInput(size, cfg.get("interpolation", "bicubic"), tuple(cfg["mean"]), tuple(cfg["std"]))
@@ -413,7 +421,7 @@ def _key_diff(earlier: dict, spec: TrainSpec, limit: int = 4) -> str:
 
 def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, log, stop_after_steps: int | None,
            overwrite: bool = False, held: contextlib.ExitStack | None = None) -> dict:
-    device = world.device if world else _device(spec.device)
+    device = world.device if world else _use(_device(spec.device))
     main = world is None or world.main
     if not main:  # one voice: rank 0 logs and writes
         progress, log = False, (lambda m: None)

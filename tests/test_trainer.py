@@ -698,3 +698,15 @@ def test_a_gpu_runs_checkpoint_carries_and_restores_the_gpus_random_stream(monke
     assert torch.equal(torch.rand(3), expected) and calls == [([7, 1], gpu)]
     _restore_rng({"rng": saved["rng"]}, gpu)  # a CPU run's checkpoint resumed on a GPU: the GPU's stream as seeded
     assert len(calls) == 1
+
+
+def test_a_numbered_gpu_becomes_the_current_one(monkeypatch):
+    """--device cuda:1: the loader's pinning thread works on the current GPU, so it is made cuda:1 (the
+    CUDA call stands in here; this machine has no GPU)."""
+    from pipeline.trainer import _use
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    for name in ("cpu", "cuda", "cuda:1"):
+        assert _use(torch.device(name)) == torch.device(name)
+    assert calls == [torch.device("cuda", 1)]
