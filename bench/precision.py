@@ -38,10 +38,17 @@ TEACHERS = ["swin_large_patch4_window7_224", "eva_large_patch14_196"]
 
 def photos(n: int, size: tuple[int, int], mean, std) -> torch.Tensor:
     """n of scikit-image's sample photos (cycled), centre-cropped square, resized: (n, 3, H, W) normalised."""
-    import skimage.data as d
     from PIL import Image
 
-    imgs = [d.astronaut(), d.chelsea(), d.coffee(), d.rocket()]
+    try:
+        import skimage.data as d
+
+        imgs = [d.astronaut(), d.chelsea(), d.coffee(), d.rocket()]
+    except ImportError:  # a GPU image without scikit-image: the demo dataset's tiles of the same photos, carried
+        tiles = sorted((ROOT / ".work" / "demo-data").rglob("*.png"))
+        if not tiles:
+            raise SystemExit("no scikit-image and no .work/demo-data: install scikit-image or build the demo data")
+        imgs = [np.asarray(Image.open(tiles[i * len(tiles) // 4]).convert("RGB")) for i in range(4)]
     out = []
     for i in range(n):
         a = imgs[i % len(imgs)]

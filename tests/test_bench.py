@@ -37,6 +37,14 @@ def test_the_tar_listing_benchmark_lists_the_same_samples_both_ways(tmp_path):
     assert set(result["median_s"]) == {"tarfile", "scan"} and result["same_listing"] is True
 
 
+def test_the_cuda_checks_run_and_pass_on_the_cpu_against_itself(tmp_path):
+    out = tmp_path / "checks.json"
+    _run("cuda_checks.py", "--json", str(out), timeout=300)
+    result = json.loads(out.read_text())
+    assert result["all_ok"] is True and len(result["rows"]) == 8
+    assert {r["erasing"] for r in result["rows"] if "erasing" in r} == {"pixel", "rand", "const"}
+
+
 @pytest.mark.slow
 def test_the_step_benchmark_runs(tmp_path):
     out = tmp_path / "step.json"
