@@ -363,8 +363,12 @@ def _claim_run_folder(out: Path, spec: TrainSpec, resume: bool, overwrite: bool,
         raise RunFolderError(f"cannot make run folder {out}: {why}; choose another output") from None
     held.enter_context(OutputLock(out, "distill run"))  # a second run on this folder is refused here
     present = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-    earlier = _checkpoint_key(out / CHECKPOINT)
-    if present and not (out / RUN_MARK).is_file() and earlier is None:
+    marked, has_checkpoint, earlier = (out / RUN_MARK).is_file(), (out / CHECKPOINT).is_file(), None
+    if present and not marked and has_checkpoint:  # a run's folder only if this is a trainer checkpoint (else: why not)
+        earlier = json.loads(_load_checkpoint(out / CHECKPOINT)["spec"])
+    elif present and not (resume or overwrite):  # for the refusal's words (a resume loads it once, later)
+        earlier = _checkpoint_key(out / CHECKPOINT)
+    if present and not marked and not has_checkpoint:
         raise RunFolderError(f"run folder {out} holds {', '.join(present)}, which no distill run wrote there (no "
                              f"{RUN_MARK} mark, no trainer checkpoint); nothing was removed, with or without --overwrite "
                              f"or --resume: choose another output, or move {'them' if len(present) > 1 else 'it'} away")
@@ -558,7 +562,7 @@ def _train(spec: TrainSpec, world: World | None, resume: bool, progress: bool, l
                 bar.close()
                 return {"stopped": True, "epoch": epoch, "step": step + 1} | _rank_of(world)
         bar.close()
-        sums, seen = _read_terms(acc, first_bad, names, world, epoch, step)  # every rank, once more (all skipped: 0)
+        sums, seen = _read_terms(acc, first_bad, names, world, epoch, min(step, steps - 1))  # every rank, once more
         seconds = time.perf_counter() - t0
         if world:  # running BN statistics: DDP copies rank 0's buffers before each forward; their mean, as timm's train.py
             timm.utils.distribute_bn(trainable, world.size, reduce=True)
@@ -630,9 +634,9 @@ def _read_terms(acc: torch.Tensor, first_bad: torch.Tensor, names, world: World 
     local = torch.cat([acc, first_bad.double().view(1)]).cpu()
     totals = world.sum(local[:-1]) if world else local[:-1]
     sums, seen = {k: float(totals[i]) for i, k in enumerate(names)}, int(totals[-1])
-    if not math.isfinite(sums["loss"]):
-        bad = int(local[-1])
-        where = f"step {bad}" if bad > 0 else f"another rank's step, by step {step + 1}"
+    if not math.isfinite(sums["loss"]):  # every rank is here alike: the sums are the same everywhere
+        firsts = world.counts(int(local[-1])) if world else [int(local[-1])]
+        where = f"step {min(b for b in firsts if b > 0)}" if max(firsts) > 0 else f"by step {step + 1}"
         raise FloatingPointError(f"loss became {sums['loss']} at epoch {epoch + 1}, {where} (read every {READ_EVERY} steps)")
     return sums, seen
 
@@ -645,6 +649,15 @@ def _read_checkpoint(path: Path, spec: TrainSpec) -> dict | None:
     """The checkpoint to resume from (None when there is none), refused if another configuration wrote it."""
     if not path.is_file():
         return None
+    state = _load_checkpoint(path)
+    if state["spec"] != _resume_key(spec):
+        raise ValueError(f"{path} belongs to another run configuration ({_key_diff(json.loads(state['spec']), spec)}); "
+                         f"start a new output folder, or pass --overwrite instead of --resume to replace it")
+    return state
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """A trainer checkpoint, loaded without running anything in it; refused, saying why, when it is not one."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
@@ -657,9 +670,6 @@ def _read_checkpoint(path: Path, spec: TrainSpec) -> dict | None:
     if not isinstance(state, dict) or "spec" not in state:
         raise ValueError(f"checkpoint {path} is not this trainer's checkpoint (no 'spec' entry); remove it or "
                          f"start a new output folder")
-    if state["spec"] != _resume_key(spec):
-        raise ValueError(f"{path} belongs to another run configuration ({_key_diff(json.loads(state['spec']), spec)}); "
-                         f"start a new output folder, or pass --overwrite instead of --resume to replace it")
     return state
 
 
