@@ -27,7 +27,8 @@ from .sample_index import INDEX_DIR, index_files
 from .schema import MANIFEST, SHARD_META
 
 __all__ = ["CacheConfigError", "OutputBusyError", "OutputLock", "LOCK", "is_cache_entry", "foreign_entries",
-           "refuse_foreign", "remove_cache", "check_placement", "shard_foreign_files", "refuse_foreign_in_shards"]
+           "refuse_foreign", "remove_cache", "check_placement", "shard_foreign_files", "refuse_foreign_in_shards",
+           "is_temporary"]
 
 LOCK = ".lock"
 _SHARD = re.compile(r"^shard-\d{5,}$")
@@ -103,8 +104,17 @@ def is_cache_entry(path: Path) -> bool:
         return path.is_dir() and not path.is_symlink()
     if name == INDEX_DIR:  # the consolidated sample index: a folder holding nothing but its columns
         return path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= set(index_files())
-    # half-written shards (.tmp-shard-*), a manifest caught mid-write (.manifest.json.tmp-PID)
-    return name.startswith(".tmp-") or (name.startswith(".") and ".tmp-" in name)
+    return is_temporary(name)
+
+
+# What a killed job leaves: a half-written shard (.tmp-shard-NNNNN-<8 hex>) or index (.tmp-index-<8 hex>), a
+# JSON file caught mid-write (.manifest.json.tmp-PID). Nothing else of a dot-name is the job's.
+_TEMPORARY = re.compile(r"^(?:\.tmp-(?:shard-\d{5,}|index)-[0-9a-f]{8}|\.[A-Za-z0-9_.-]+\.json\.tmp-\d+)$")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether an output folder's entry named so is a temporary the cache job writes (and removes)."""
+    return _TEMPORARY.match(name) is not None
 
 
 def foreign_entries(root: Path) -> list[str]:
@@ -137,7 +147,11 @@ def shard_foreign_files(folder: Path) -> list[str]:
     ours = ((lambda rel: rel in recorded) if recorded is not None
             else (lambda rel: rel in index or _SHARD_FILE.match(rel) is not None))
     foreign = []
-    for top, dirs, files in os.walk(folder):  # links to folders are listed, not followed
+
+    def unreadable(e: OSError):  # a folder the walk cannot list is not known to be the job's
+        foreign.append(os.path.relpath(e.filename, folder).replace(os.sep, "/"))
+
+    for top, dirs, files in os.walk(folder, onerror=unreadable):  # links to folders are listed, not followed
         for name in files + dirs:
             path = os.path.join(top, name)
             rel = os.path.relpath(path, folder).replace(os.sep, "/")

@@ -178,8 +178,10 @@ def remove_temporaries(root: Path) -> list[str]:
     """Delete half-written shards left by a killed run; returns their names."""
     gone = []
     root = Path(root)
-    for path in [*root.glob(".tmp-*"), *root.glob(".*.tmp-*")]:  # shards, and a manifest caught mid-write
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    from .output_guard import is_temporary
+
+    for path in sorted(p for p in root.glob(".*") if is_temporary(p.name)):  # shards, an index, a JSON mid-write
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
         gone.append(path.name)
     return gone
 

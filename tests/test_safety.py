@@ -177,6 +177,26 @@ def test_overwrite_of_a_cache_with_a_foreign_file_inside_a_shard_removes_nothing
     assert _tree(out) == before
 
 
+def test_a_dot_tmp_entry_the_job_did_not_name_is_the_users_and_is_kept(base, tmp_path):
+    from pipeline.output_guard import is_temporary
+
+    assert [n for n in (".tmp-shard-00003-0badf00d", ".tmp-index-1a2b3c4d", ".manifest.json.tmp-4242", ".tmp-notes",
+                        ".tmp-shard-00003", ".manifest.json.tmp-x", ".tmp-index-1A2B3C4D") if is_temporary(n)] == [
+        ".tmp-shard-00003-0badf00d", ".tmp-index-1a2b3c4d", ".manifest.json.tmp-4242"]
+    out = tmp_path / "cache"
+    shutil.copytree(base.caches["zarr"], out)
+    (out / ".tmp-notes").mkdir()
+    (out / ".tmp-notes" / "mine.txt").write_text("the user's")
+    (out / ".tmp-shard-00001-0badf00d").mkdir()  # a killed writer's: removed by the re-run
+    before = _tree(out)
+    with pytest.raises(CacheConfigError, match=r"holds '.tmp-notes', which is not part of a cache"):
+        run(_spec(base, out))
+    assert _tree(out) == before and (out / ".tmp-shard-00001-0badf00d").is_dir()
+    (out / ".tmp-notes" / "mine.txt").rename(tmp_path / "mine.txt")
+    (out / ".tmp-notes").rmdir()
+    assert run(_spec(base, out))["new_samples"] == 0 and not (out / ".tmp-shard-00001-0badf00d").exists()
+
+
 def test_what_a_shard_holds_is_the_jobs_own_by_its_record_or_else_by_the_stores_layout(base, tmp_path):
     from pipeline.output_guard import shard_foreign_files
 
