@@ -201,22 +201,22 @@ def evaluate(model: nn.Module, val_spec: dict | None, device, input_size=None, b
     transform = create_transform(**eval_data_config(model, input_size), is_training=False)
     was = model.training
     model.eval()
-    correct1 = correct5 = 0
+    pin = device.type == "cuda" if isinstance(device, torch.device) else False
     # Decoding in workers (50 k ImageNet images decoded serially take minutes an epoch).
     loader = DataLoader(_EvalImages(refs, transform), batch_size=batch_size, num_workers=workers,
-                        pin_memory=device.type == "cuda" if isinstance(device, torch.device) else False,
-                        multiprocessing_context="fork" if workers else None)
+                        pin_memory=pin, multiprocessing_context="fork" if workers else None)
     from tqdm import tqdm
 
     bar = tqdm(total=len(refs), desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
     with torch.inference_mode():
+        correct = torch.zeros(2, dtype=torch.int64, device=device)  # counted on the device, read once at the end
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
             logits = model(x)
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # a head of fewer than 5 classes
-            correct1 += (top5[:, 0] == y).sum().item()
-            correct5 += (top5 == y[:, None]).any(-1).sum().item()
+            correct += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(-1).sum()])
             bar.update(len(y))
+        correct1, correct5 = correct.tolist()
     bar.refresh()  # the final count, also when it came faster than tqdm's refresh interval
     bar.close()
     model.train(was)

@@ -127,3 +127,28 @@ def test_validation_shows_a_progress_bar(world, capsys):
     result = evaluate(model, world["spec"].val, torch.device("cpu"), (3, 64, 64), progress=True, desc="validation 1/2")
     err = capsys.readouterr().err
     assert result["images"] == 6 and "validation 1/2" in err and "6/6" in err
+
+
+def test_validation_counts_are_the_top1_and_top5_of_each_image(world):
+    """Counted on the device and read once: the same numbers as each image's logits checked one by one."""
+    import timm
+    from timm.data import create_transform
+
+    from pipeline.datasets import list_dataset, load_image
+    from pipeline.export import eval_data_config
+    from pipeline.trainer import evaluate
+
+    torch.manual_seed(1)
+    model = timm.create_model(STUDENT, num_classes=10).eval()
+    refs, _, _ = list_dataset(world["spec"].val)
+    transform = create_transform(**eval_data_config(model, (3, 64, 64)), is_training=False)
+    top1 = top5 = 0
+    with torch.inference_mode():
+        for ref in refs:
+            logits = model(transform(load_image(ref))[None])[0]
+            ranked = logits.topk(5).indices.tolist()
+            top1 += ranked[0] == ref.label
+            top5 += ref.label in ranked
+    result = evaluate(model, world["spec"].val, torch.device("cpu"), (3, 64, 64), batch_size=4)
+    assert result == {"top1": 100.0 * top1 / len(refs), "top5": 100.0 * top5 / len(refs), "images": len(refs)}
+    assert 0 < top5 and top1 < len(refs)  # not trivially all or nothing
