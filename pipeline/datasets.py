@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import threading
@@ -840,6 +841,11 @@ def build_demo_dataset(root: str | Path) -> Path:
     if root.exists() and not (root.is_dir() and not any(root.iterdir())) and not (root / ".complete").exists():
         raise DatasetError(f"demo root {root} exists and is not a demo dataset (no .complete marker); "
                            f"expected a missing or empty folder")
+    foreign = _demo_foreign(root) if (root / ".complete").exists() else []
+    if foreign:  # an older demo is replaced whole: only when it holds nothing but what its build wrote
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise DatasetError(f"demo root {root} holds an older demo dataset and {foreign[0]!r}{more}, which its build "
+                           f"did not write; the older demo is replaced whole, so nothing was changed: move it out")
     root.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(root)
     # Built beside root and renamed into place: a killed build leaves no half dataset under root.
@@ -878,6 +884,24 @@ def build_demo_dataset(root: str | Path) -> Path:
             raise
     shutil.rmtree(stale, ignore_errors=True)
     return root
+
+
+def _demo_foreign(root: Path) -> list[str]:
+    """Files (relative, sorted) under a finished demo root that its build did not write: anything but its
+    marker, class index and the tiles its marker counts (any tile of a demo photo when the marker is unreadable)."""
+    try:
+        tiles = json.loads((root / ".complete").read_text())["tiles"]
+        ours = {f"{key}/{key.split('/')[-1]}_{i}.png" for key, n in tiles.items() for i in range(n)}
+        is_ours = ours.__contains__
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        tile = re.compile(r"^(?:train|val)/([A-Za-z_]+)/\1_\d+\.png$")
+        is_ours = lambda rel: tile.match(rel) is not None  # noqa: E731
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink() or (path.is_file() and rel not in (".complete", CLASS_INDEX) and not is_ours(rel)):
+            found.append(rel)
+    return sorted(found)
 
 
 def _demo_complete(root: Path) -> bool:

@@ -490,3 +490,22 @@ def test_demo_refuses_a_root_holding_other_files(tmp_path):
     with pytest.raises(DatasetError, match="split must be 'train' or 'val', found 'test'"):
         list_dataset({"kind": "demo", "root": str(tmp_path / "mine"), "split": "test"})
     assert (tmp_path / "mine" / "thesis.txt").read_bytes() == b"precious"
+
+
+def test_an_older_demo_holding_a_users_file_is_not_replaced(demo, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "demo"
+    shutil.copytree(demo, old)
+    marker = json.loads((old / ".complete").read_text())
+    (old / ".complete").write_text(json.dumps(marker | {"version": 1}))  # an older build's
+    _write(old / "train" / "astronaut" / "notes.txt", b"mine")
+    before = _digests(old)
+    with pytest.raises(DatasetError) as e:
+        build_demo_dataset(old)
+    assert str(e.value) == (f"demo root {old} holds an older demo dataset and 'train/astronaut/notes.txt', which its "
+                            f"build did not write; the older demo is replaced whole, so nothing was changed: move it out")
+    assert _digests(old) == before
+    (old / "train" / "astronaut" / "notes.txt").unlink()
+    assert _digests(build_demo_dataset(old)) == _digests(demo)  # nothing else there: replaced by this version
