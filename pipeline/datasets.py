@@ -889,19 +889,16 @@ def build_demo_dataset(root: str | Path) -> Path:
 def _demo_foreign(root: Path) -> list[str]:
     """Files (relative, sorted) under a finished demo root that its build did not write: anything but its
     marker, class index and the tiles its marker counts (any tile of a demo photo when the marker is unreadable)."""
+    from .output_guard import unknown_files
+
     try:
         tiles = json.loads((root / ".complete").read_text())["tiles"]
         ours = {f"{key}/{key.split('/')[-1]}_{i}.png" for key, n in tiles.items() for i in range(n)}
-        is_ours = ours.__contains__
+        is_tile = ours.__contains__
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         tile = re.compile(r"^(?:train|val)/([A-Za-z_]+)/\1_\d+\.png$")
-        is_ours = lambda rel: tile.match(rel) is not None  # noqa: E731
-    found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink() or (path.is_file() and rel not in (".complete", CLASS_INDEX) and not is_ours(rel)):
-            found.append(rel)
-    return sorted(found)
+        is_tile = lambda rel: tile.match(rel) is not None  # noqa: E731
+    return unknown_files(root, lambda rel: rel in (".complete", CLASS_INDEX) or is_tile(rel))
 
 
 def _demo_complete(root: Path) -> bool:

@@ -28,7 +28,7 @@ from .schema import MANIFEST, SHARD_META
 
 __all__ = ["CacheConfigError", "OutputBusyError", "OutputLock", "LOCK", "is_cache_entry", "foreign_entries",
            "refuse_foreign", "remove_cache", "check_placement", "shard_foreign_files", "refuse_foreign_in_shards",
-           "is_temporary"]
+           "is_temporary", "unknown_files"]
 
 LOCK = ".lock"
 _SHARD = re.compile(r"^shard-\d{5,}$")
@@ -133,6 +133,23 @@ def refuse_foreign(root: Path) -> None:
                                f"cache into it, with or without --overwrite: choose an empty or new folder")
 
 
+def unknown_files(folder: Path, is_ours) -> list[str]:
+    """Paths (relative, sorted) under ``folder`` that ``is_ours(relative path)`` does not claim: each file it
+    rejects, each symbolic link (never a job's), each folder the walk cannot list (not known to be a job's)."""
+    folder, found = Path(folder), []
+
+    def unreadable(e: OSError):
+        found.append(os.path.relpath(e.filename, folder).replace(os.sep, "/"))
+
+    for top, dirs, files in os.walk(folder, onerror=unreadable):  # links to folders are listed, not followed
+        for name in files + dirs:
+            path = os.path.join(top, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            if os.path.islink(path) or (name in files and not is_ours(rel)):
+                found.append(rel)
+    return sorted(found)
+
+
 def shard_foreign_files(folder: Path) -> list[str]:
     """Paths (relative, sorted) in a shard-NNNNN folder that the cache job did not write: anything but
     shard.json and the files it records; when shard.json cannot be read, anything outside the stores'
@@ -143,21 +160,10 @@ def shard_foreign_files(folder: Path) -> list[str]:
         recorded = set(meta["files"]) if isinstance(meta, dict) and isinstance(meta.get("files"), dict) else None
     except (OSError, UnicodeDecodeError, ValueError):
         recorded = None
+    if recorded is not None:
+        return unknown_files(folder, lambda rel: rel == SHARD_META or rel in recorded)
     index = {f"{INDEX_DIR}/{n}" for n in index_files()}
-    ours = ((lambda rel: rel in recorded) if recorded is not None
-            else (lambda rel: rel in index or _SHARD_FILE.match(rel) is not None))
-    foreign = []
-
-    def unreadable(e: OSError):  # a folder the walk cannot list is not known to be the job's
-        foreign.append(os.path.relpath(e.filename, folder).replace(os.sep, "/"))
-
-    for top, dirs, files in os.walk(folder, onerror=unreadable):  # links to folders are listed, not followed
-        for name in files + dirs:
-            path = os.path.join(top, name)
-            rel = os.path.relpath(path, folder).replace(os.sep, "/")
-            if os.path.islink(path) or (name in files and rel != SHARD_META and not ours(rel)):
-                foreign.append(rel)
-    return sorted(foreign)
+    return unknown_files(folder, lambda rel: rel == SHARD_META or rel in index or _SHARD_FILE.match(rel) is not None)
 
 
 def refuse_foreign_in_shards(root: Path, names: list[str], why: str) -> None:
